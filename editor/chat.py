@@ -1,0 +1,162 @@
+"""Chat formatting: a (prompt, answer) pair becomes one chat conversation.
+
+With a chat template (system prompt included when the template has one):
+    <template prefix for the user turn>  answer <end-of-turn>
+              labels = -100              labels = token ids
+Without one (base models): `prompt + " " + answer`, labels on the answer tokens.
+
+The label mask covers exactly the answer tokens plus the end-of-turn token. Tokens are
+found by character offsets of one joint tokenisation, so the prompt part is tokenised
+exactly as it is for generation (`encode_prompt`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE = -100
+
+
+def has_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def _check_text(value, what: str) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be a string, got {type(value).__name__}: {value!r}")
+    if not value.strip():
+        raise ValueError(f"{what} is empty")
+    return value
+
+
+def _messages(prompt: str, system: str | None, answer: str | None = None) -> list[dict]:
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": prompt})
+    if answer is not None:
+        messages.append({"role": "assistant", "content": answer})
+    return messages
+
+
+def prompt_text(tokenizer, prompt: str, system: str | None = None) -> str:
+    """The text a model continues to answer `prompt` (chat header included)."""
+    _check_text(prompt, "prompt")
+    if not has_template(tokenizer):
+        return prompt
+    return tokenizer.apply_chat_template(
+        _messages(prompt, system), add_generation_prompt=True, tokenize=False
+    )
+
+
+def encode_prompt(tokenizer, prompt: str, system: str | None = None) -> list[int]:
+    """Token ids of `prompt_text`, for generation."""
+    text = prompt_text(tokenizer, prompt, system)
+    return tokenizer(text, add_special_tokens=not has_template(tokenizer))["input_ids"]
+
+
+def _answer_span(tokenizer, prompt: str, answer: str, system: str | None):
+    """(full text, start and end of the answer in it, whether an end-of-turn follows)."""
+    prefix = prompt_text(tokenizer, prompt, system)
+    if not has_template(tokenizer):
+        return f"{prefix} {answer}", len(prefix), len(prefix) + 1 + len(answer), False
+    full = tokenizer.apply_chat_template(_messages(prompt, system, answer), tokenize=False)
+    if not full.startswith(prefix):
+        raise ValueError("the chat template renders the user turn differently with and without "
+                         "an assistant answer; cannot locate the answer tokens")
+    start = full.find(answer, len(prefix))
+    if start < 0:
+        raise ValueError(f"the chat template changed the answer {answer!r} (e.g. stripped it); "
+                         "pass the answer as the template writes it")
+    return full, start, start + len(answer), bool(full[start + len(answer):].strip())
+
+
+def encode_pair(tokenizer, prompt: str, answer: str, system: str | None = None,
+                max_length: int | None = None) -> dict:
+    """Tokenise one conversation. Returns input_ids, labels (IGNORE outside the answer and its
+    end-of-turn token) and `answer_start`, the index of the first answer token."""
+    _check_text(answer, "target")
+    text, start, end, has_eot = _answer_span(tokenizer, prompt, answer, system)
+    enc = tokenizer(text, add_special_tokens=not has_template(tokenizer),
+                    return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    # Special tokens added by the tokenizer (e.g. BOS) carry the empty span (0, 0).
+    answer_idx = [i for i, (a, b) in enumerate(offsets) if b > start and a < end and b > a]
+    if not answer_idx or offsets[answer_idx[0]][0] < start:
+        raise ValueError(f"a token straddles the prompt and the answer {answer!r}; "
+                         "cannot separate them")
+    last = answer_idx[-1]
+    if has_eot:
+        last += 1  # the template's end-of-turn token comes right after the answer
+        ids = ids[: last + 1]
+    elif has_template(tokenizer):
+        ids = ids[: last + 1] + [tokenizer.eos_token_id]
+        last += 1
+    else:
+        ids = ids[: last + 1]
+    labels = [IGNORE] * answer_idx[0] + ids[answer_idx[0]: last + 1]
+    if max_length is not None and len(ids) > max_length:
+        raise ValueError(f"conversation is {len(ids)} tokens, longer than the model's context of "
+                         f"{max_length}: {prompt[:80]!r}")
+    return {"input_ids": ids, "labels": labels, "answer_start": answer_idx[0]}
+
+
+def pad(tokenizer, rows: list[dict], side: str = "right") -> dict[str, torch.Tensor]:
+    """Pad a batch of encoded rows (input_ids, optional labels). Right padding for training,
+    left padding for generation. Padding gets attention 0 and label IGNORE."""
+    if side not in ("left", "right"):
+        raise ValueError(f"padding side must be 'left' or 'right', got {side!r}")
+    if not rows:
+        raise ValueError("empty batch")
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = tokenizer.eos_token_id
+    width = max(len(r["input_ids"]) for r in rows)
+
+    def fill(seq, value):
+        extra = [value] * (width - len(seq))
+        return extra + list(seq) if side == "left" else list(seq) + extra
+
+    out = {
+        "input_ids": [fill(r["input_ids"], pad_id) for r in rows],
+        "attention_mask": [fill([1] * len(r["input_ids"]), 0) for r in rows],
+    }
+    if "labels" in rows[0]:
+        out["labels"] = [fill(r["labels"], IGNORE) for r in rows]
+    return {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
+
+
+def encode_facts(tokenizer, facts, system: str | None = None) -> dict[str, torch.Tensor]:
+    """A right-padded training batch for facts (dicts or records with prompt and target)."""
+    rows = [encode_pair(tokenizer, _get(f, "prompt"), _get(f, "target"), system) for f in facts]
+    return pad(tokenizer, rows, "right")
+
+
+def _get(fact, key):
+    return fact[key] if isinstance(fact, dict) else getattr(fact, key)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 32,
+             batch_size: int = 16, system: str | None = None, progress: bool = False) -> list[str]:
+    """Greedy answers to `prompts`, batched with left padding; special tokens removed."""
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    answers = []
+    starts = range(0, len(prompts), batch_size)
+    for i in tqdm(starts, desc="generate", disable=not progress):
+        chunk = prompts[i:i + batch_size]
+        rows = [{"input_ids": encode_prompt(tokenizer, p, system)} for p in chunk]
+        batch = {k: v.to(device) for k, v in pad(tokenizer, rows, "left").items()}
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+        new = out[:, batch["input_ids"].shape[1]:]
+        answers += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+    return answers
+
+
+def describe(tokenizer, encoded: dict) -> str:
+    """A readable line per token: index, label mask (1 = trained on), id and text."""
+    lines = [f"{'i':>4} {'mask':>4} {'id':>6}  token"]
+    for i, (tid, label) in enumerate(zip(encoded["input_ids"], encoded["labels"])):
+        lines.append(f"{i:>4} {int(label != IGNORE):>4} {tid:>6}  {tokenizer.decode([tid])!r}")
+    return "\n".join(lines)

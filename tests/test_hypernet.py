@@ -13,8 +13,8 @@ F64 = torch.float64
 
 def problem(n, d_k=12, d_v=5):
     g = torch.Generator().manual_seed(n)
-    return (torch.randn(n, d_k, generator=g, dtype=F64), torch.randn(n, d_v, generator=g, dtype=F64),
-            torch.randn(d_k, d_v, generator=g, dtype=F64))
+    return tuple(torch.randn(*shape, generator=g, dtype=F64)
+                 for shape in [(n, d_k), (n, d_v), (d_k, d_v)])
 
 
 @pytest.mark.parametrize("n", [4, 30])  # fewer and more tokens than d_k

@@ -100,8 +100,9 @@ def encode_pair(tokenizer, prompt: str, answer: str, system: str | None = None,
 
 
 def pad(tokenizer, rows: list[dict], side: str = "right") -> dict[str, torch.Tensor]:
-    """Pad a batch of encoded rows (input_ids, optional labels). Right padding for training,
-    left padding for generation. Padding gets attention 0 and label IGNORE."""
+    """Pad a batch of encoded rows (input_ids, optional labels and cached hidden states).
+    Right padding for training, left padding for generation. Padding gets attention 0 and
+    label IGNORE."""
     if side not in ("left", "right"):
         raise ValueError(f"padding side must be 'left' or 'right', got {side!r}")
     if not rows:
@@ -121,7 +122,14 @@ def pad(tokenizer, rows: list[dict], side: str = "right") -> dict[str, torch.Ten
     }
     if "labels" in rows[0]:
         out["labels"] = [fill(r["labels"], IGNORE) for r in rows]
-    return {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
+    batch = {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
+    if "hidden" in rows[0]:  # cached hidden states (T_i x d), zero-padded like the ids
+        hidden = torch.zeros(len(rows), width, rows[0]["hidden"].shape[-1])
+        for i, r in enumerate(rows):
+            n = r["hidden"].shape[0]
+            (hidden[i, width - n:] if side == "left" else hidden[i, :n]).copy_(r["hidden"])
+        batch["hidden"] = hidden
+    return batch
 
 
 def encode_facts(tokenizer, facts, system: str | None = None) -> dict[str, torch.Tensor]:

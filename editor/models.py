@@ -270,13 +270,18 @@ def linear_names(block: nn.Module) -> list[str]:
 # ------------------------------------------------------------- key x value layout
 
 
+def to_kv(module, tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor in the module's own weight layout (its weight, or its gradient) as d_k x d_v."""
+    if isinstance(module, Conv1D):
+        return tensor
+    if isinstance(module, nn.Linear):
+        return tensor.T
+    raise TypeError(f"{type(module).__name__} is not a linear map (nn.Linear or Conv1D)")
+
+
 def weight_kv(module) -> torch.Tensor:
     """The weight as a d_k x d_v tensor (a view: writing into it writes the module)."""
-    if isinstance(module, Conv1D):
-        return module.weight
-    if isinstance(module, nn.Linear):
-        return module.weight.T
-    raise TypeError(f"{type(module).__name__} is not a linear map (nn.Linear or Conv1D)")
+    return to_kv(module, module.weight)
 
 
 def set_weight_kv(module, weight: torch.Tensor) -> None:

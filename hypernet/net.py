@@ -73,7 +73,8 @@ class Block(nn.Module):
 
 
 class EditorNet(nn.Module):
-    """g_theta for one (d_k, d_v) shape, shared across `n_layers` edited modules."""
+    """g_theta for one (d_k, d_v) shape, shared across `n_layers` edited modules, with a
+    learned step size eta_l = exp(log_lr[l]) and ridge lambda_l = exp(log_lam[l]) per layer."""
 
     def __init__(self, d_k: int, d_v: int, n_layers: int, rank: int = 1920, n_blocks: int = 2,
                  lr: float = 1e-4, log_lam: float = 0.0):
@@ -81,7 +82,7 @@ class EditorNet(nn.Module):
         self.d_k, self.d_v = d_k, d_v
         self.norm = RunningNorm(d_k + d_v)
         self.blocks = nn.ModuleList(Block(d_k + d_v, rank, n_layers) for _ in range(n_blocks))
-        self.lr = nn.Parameter(torch.full((n_layers,), float(lr)))
+        self.log_lr = nn.Parameter(torch.full((n_layers,), math.log(lr)))
         self.log_lam = nn.Parameter(torch.full((n_layers,), float(log_lam)))
 
     def forward(self, keys: torch.Tensor, grads: torch.Tensor, layer: int):
@@ -93,7 +94,7 @@ class EditorNet(nn.Module):
     def value_shifts(self, keys, grads, layer: int) -> torch.Tensor:
         """MALMEN's desired value shift per token: d_j = -eta_l (u_j . u~_j) delta~_j."""
         u, delta = self(keys, grads, layer)
-        return -self.lr[layer] * (keys * u).sum(-1, keepdim=True) * delta
+        return -self.log_lr[layer].exp() * (keys * u).sum(-1, keepdim=True) * delta
 
     def malmen_shift(self, keys, grads, layer: int, dtype=torch.float32) -> torch.Tensor:
         """S (d_k x d_v) solved jointly over all tokens of all edits."""
@@ -103,7 +104,7 @@ class EditorNet(nn.Module):
     def mend_shift(self, keys, grads, layer: int, dtype=None) -> torch.Tensor:
         """S = -eta_l U~^T Delta~ (sum of rank-one updates, no solve)."""
         u, delta = self(keys, grads, layer)
-        return -self.lr[layer] * (u.T @ delta)
+        return -self.log_lr[layer].exp() * (u.T @ delta)
 
 
 SHIFT_RULES = {"malmen": EditorNet.malmen_shift, "mend": EditorNet.mend_shift}

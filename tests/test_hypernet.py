@@ -124,7 +124,7 @@ def test_shift_rules(rule):
         expected = torch.linalg.solve(keys.T @ keys + torch.eye(12, dtype=F64), keys.T @ d)
     assert torch.allclose(shift, expected, atol=1e-8)
     shift.sum().backward()  # gradients reach every parameter that shapes the shift
-    used = {"lr", "blocks.0.up", "blocks.1.up"} | ({"log_lam"} if rule == "malmen" else set())
+    used = {"log_lr", "blocks.0.up", "blocks.1.up"} | ({"log_lam"} if rule == "malmen" else set())
     grads_of = {n: p.grad for n, p in net.net("a").named_parameters()}
     assert all(grads_of[n] is not None and grads_of[n].abs().sum() > 0 for n in used)
     with pytest.raises(ValueError, match="unknown shift rule"):

@@ -1,0 +1,58 @@
+"""Safetensors checkpoints, written atomically (temp file + rename); no pickle anywhere.
+
+A checkpoint holds tensors under prefixes ("hypernet.", "optim.") and a JSON metadata
+entry ("meta": step, config, optimizer hyper-parameters, history...).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+
+def save(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    data = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    save_file(data, str(tmp), metadata={"meta": json.dumps(meta)})
+    os.replace(tmp, path)
+
+
+def load(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get("meta", "{}"))
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return tensors, meta
+
+
+def prefixed(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {prefix + k: v for k, v in state.items()}
+
+
+def unprefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
+    """An optimizer's state as flat tensors plus its param groups (JSON-able)."""
+    state = opt.state_dict()
+    tensors = {f"{i}.{k}": torch.as_tensor(v) for i, s in state["state"].items()
+               for k, v in s.items()}
+    return tensors, state["param_groups"]
+
+
+def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list):
+    state = {}
+    for key, value in tensors.items():
+        i, name = key.split(".", 1)
+        state.setdefault(int(i), {})[name] = value
+    opt.load_state_dict({"state": state, "param_groups": groups})

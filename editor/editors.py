@@ -1,0 +1,113 @@
+"""Editors: one base that owns the edited modules and their fp32 master copy, and the
+shift rule as the single point of variation.
+
+    HyperEditor  rule="malmen" | "mend": keys and value gradients -> hypernetwork -> shift
+    FTEditor     baseline: gradient steps on the edited modules, same facts
+
+`edit(facts)` computes every module's shift for all facts at once and applies
+W <- W_master + S; `restore()` writes the master back, so weights after restore are
+bitwise equal to before (never restored by subtracting).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from hypernet import HyperNetwork
+
+from .chat import encode_facts
+from .lm import capture, first_block, forward
+from .models import kv_shape, set_weight_kv, weight_kv
+
+
+class Editor:
+    """Base editor. Subclasses implement `compute_shifts(batch)`."""
+
+    def __init__(self, model, tokenizer, modules: dict, system: str | None = None):
+        self.model, self.tokenizer, self.modules, self.system = model, tokenizer, modules, system
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.master = {n: weight_kv(m).detach().float().clone() for n, m in modules.items()}
+        self.first = first_block(model, modules)
+
+    def compute_shifts(self, batch) -> dict[str, torch.Tensor]:
+        """{module name: S (d_k x d_v)} for all facts of the batch at once; leaves the
+        weights unchanged. The batch may carry cached hidden states (editor.lm)."""
+        raise NotImplementedError
+
+    def batch(self, facts):
+        device = next(self.model.parameters()).device
+        batch = encode_facts(self.tokenizer, facts, self.system)
+        return {k: v.to(device) for k, v in batch.items()}
+
+    def edit(self, facts) -> dict[str, torch.Tensor]:
+        """Compute and apply the shifts for `facts` (dicts or records with prompt, target)."""
+        shifts = self.compute_shifts(self.batch(facts))
+        self.apply(shifts)
+        return shifts
+
+    def apply(self, shifts: dict[str, torch.Tensor]) -> None:
+        """W <- W_master + S for every module (all checked before any is written)."""
+        for name, s in shifts.items():
+            if tuple(s.shape) != kv_shape(self.modules[name]):
+                raise ValueError(f"shift for {name} has shape {tuple(s.shape)}, expected "
+                                 f"{kv_shape(self.modules[name])}")
+            if not torch.isfinite(s).all():
+                raise FloatingPointError(f"shift for {name} contains NaN or Inf; weights unchanged")
+        for name, s in shifts.items():
+            set_weight_kv(self.modules[name], self.master[name] + s.to(self.master[name]))
+
+    def restore(self) -> None:
+        for name, module in self.modules.items():
+            set_weight_kv(module, self.master[name])
+
+
+class HyperEditor(Editor):
+    """MALMEN or MEND (the hypernetwork's `rule`)."""
+
+    def __init__(self, model, tokenizer, modules, hypernet: HyperNetwork, system=None,
+                 solve_dtype=torch.float32):
+        super().__init__(model, tokenizer, modules, system)
+        self.hypernet, self.solve_dtype = hypernet, solve_dtype
+
+    def capture(self, batch):
+        return capture(self.model, self.modules, batch, self.first)[0]
+
+    def compute_shifts(self, batch, captured=None):
+        captured = captured if captured is not None else self.capture(batch)
+        with torch.no_grad():
+            return {name: self.hypernet.shift(name, k, d, self.solve_dtype)
+                    for name, (k, d) in captured.items()}
+
+
+class FTEditor(Editor):
+    """Fine-tuning baseline: `steps` Adam steps on the edited modules only, on the mean
+    cross-entropy of the targets (the same facts and chat formatting as the editors)."""
+
+    def __init__(self, model, tokenizer, modules, steps: int = 20, lr: float = 1e-4,
+                 system=None):
+        super().__init__(model, tokenizer, modules, system)
+        self.steps, self.lr = steps, lr
+
+    def compute_shifts(self, batch):
+        weights = [m.weight for m in self.modules.values()]
+        for w in weights:
+            w.requires_grad_(True)
+        opt = torch.optim.Adam(weights, lr=self.lr)
+        try:
+            with torch.enable_grad():
+                for _ in range(self.steps):
+                    logits, labels, _ = forward(self.model, batch, self.first)
+                    loss = F.cross_entropy(logits, labels)
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+            shifts = {n: weight_kv(m).detach().float() - self.master[n]
+                      for n, m in self.modules.items()}
+        finally:
+            for w in weights:
+                w.requires_grad_(False)
+                w.grad = None
+            self.restore()
+        return shifts

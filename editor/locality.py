@@ -1,0 +1,60 @@
+"""Locality conversations for meta-training (DESIGN.md section 4).
+
+- nq: the facts' unrelated questions (zsRE's NQ questions) with their dataset answers;
+- instruction: self-instruct prompts answered by the base model's own greedy responses;
+- harmful: hh-rlhf harmful requests answered by the base model's own greedy responses.
+The responses are generated once per base model and cached on disk (JSON, atomic write).
+The locality loss is KL(p_before || p_after) over the assistant tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+from .chat import encode_pair, generate
+from .data import load_harmful_requests, load_instructions
+from .models import cache_dir
+
+SOURCES = {"instruction": load_instructions, "harmful": load_harmful_requests}
+
+
+def fingerprint(model) -> str:
+    """Short hash of the model's name and a sample of its weights."""
+    h = hashlib.sha256(str(model.config.name_or_path).encode())
+    for p in list(model.parameters())[:: max(1, len(list(model.parameters())) // 8)]:
+        h.update(p.detach().float().flatten()[:4096].cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def base_responses(model, tokenizer, source: str, n: int, max_new_tokens: int,
+                   max_prompt_chars: int, system=None, split: str = "train") -> list[dict]:
+    """[{prompt, response}] for the first `n` prompts of `source` (at most
+    `max_prompt_chars` long), answered greedily by `model`; cached on disk."""
+    if source not in SOURCES:
+        raise ValueError(f"unknown locality source {source!r}; choose one of {sorted(SOURCES)}")
+    key = f"{source}-{split}-{n}-{max_new_tokens}-{max_prompt_chars}-{system or 'default'}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:8]
+    path = cache_dir() / "responses" / fingerprint(model) / f"{source}-{split}-{digest}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    prompts = [p for p in SOURCES[source](split)["prompt"] if len(p) <= max_prompt_chars][:n]
+    responses = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                         system=system, progress=True)
+    pairs = [{"prompt": p, "response": r} for p, r in zip(prompts, responses) if r.strip()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(pairs, indent=1))
+    os.replace(tmp, path)
+    return pairs
+
+
+def conversation_rows(tokenizer, pairs: list[dict], system=None) -> list[dict]:
+    return [encode_pair(tokenizer, p["prompt"], p["response"], system) for p in pairs]
+
+
+def nq_rows(tokenizer, facts, system=None) -> list[dict | None]:
+    """One row per fact (its first locality question and answer), None where it has none."""
+    return [encode_pair(tokenizer, f["loc_prompts"][0], f["loc_answers"][0], system)
+            if f["loc_prompts"] else None for f in facts]

@@ -1,0 +1,74 @@
+"""Teacher-forced edit metrics (MALMEN's definitions), for N facts edited at once.
+
+ES: token accuracy of the target (and its end-of-turn token) on the edit prompt;
+GS: the same on the first rephrase; LS: agreement of the edited model's argmax with the
+unedited model's on the facts' unrelated (locality) prompts, at their answer tokens.
+All are means over facts of per-fact token means.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .chat import encode_pair, pad
+from .lm import forward
+
+
+def conversations(tokenizer, facts, kind: str, system=None) -> list[dict]:
+    """Encoded rows for `kind` = "edit" (prompt -> target), "rephrase" (first rephrase ->
+    target) or "loc" (first locality prompt -> its answer). Facts lacking one are skipped."""
+    rows = []
+    for f in facts:
+        if kind == "edit":
+            rows.append(encode_pair(tokenizer, f["prompt"], f["target"], system))
+        elif kind == "rephrase" and f["rephrases"]:
+            rows.append(encode_pair(tokenizer, f["rephrases"][0], f["target"], system))
+        elif kind == "loc" and f["loc_prompts"]:
+            rows.append(encode_pair(tokenizer, f["loc_prompts"][0], f["loc_answers"][0], system))
+    return rows
+
+
+def fact_rows(tokenizer, facts, system=None) -> dict[str, list[dict]]:
+    return {k: conversations(tokenizer, facts, k, system) for k in ("edit", "rephrase", "loc")}
+
+
+@torch.no_grad()
+def predictions(model, tokenizer, rows, first=None, batch_size: int = 32):
+    """Per-row (argmax ids, label ids) at the label positions. Rows may carry cached
+    hidden states entering blocks[first]."""
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(rows), batch_size):
+        batch = {k: v.to(device) for k, v in pad(tokenizer, rows[i:i + batch_size]).items()}
+        logits, labels, idx = forward(model, batch, first)
+        pred = logits.argmax(-1)
+        out += [(pred[idx == r], labels[idx == r]) for r in range(batch["input_ids"].shape[0])]
+    return out
+
+
+def accuracy(preds) -> float:
+    return sum((p == y).float().mean().item() for p, y in preds) / max(len(preds), 1)
+
+
+def agreement(after, before) -> float:
+    return sum((a[0] == b[0]).float().mean().item() for a, b in zip(after, before)) / max(
+        len(after), 1)
+
+
+def edit_metrics(editor, rows: dict[str, list[dict]], batch_size: int = 32) -> dict:
+    """Edit all facts of `rows` (from `fact_rows`, optionally with cached hidden states) at
+    once with `editor`; measure ES, GS, LS; restore the weights."""
+    model, tok, first = editor.model, editor.tokenizer, editor.first
+    before = predictions(model, tok, rows["loc"], first, batch_size)
+    device = next(model.parameters()).device
+    edit_batch = {k: v.to(device) for k, v in pad(tok, rows["edit"]).items()}
+    editor.apply(editor.compute_shifts(edit_batch))
+    try:
+        return {
+            "ES": accuracy(predictions(model, tok, rows["edit"], first, batch_size)),
+            "GS": accuracy(predictions(model, tok, rows["rephrase"], first, batch_size)),
+            "LS": agreement(predictions(model, tok, rows["loc"], first, batch_size), before),
+            "n_facts": len(rows["edit"]),
+        }
+    finally:
+        editor.restore()

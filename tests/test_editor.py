@@ -1,0 +1,123 @@
+"""The editing pipeline on tiny models: cache, capture, shifts, apply and restore."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from editor.chat import encode_facts, encode_pair, pad
+from editor.editors import FTEditor, HyperEditor
+from editor.lm import capture, first_block, forward, with_hidden
+from editor.metrics import edit_metrics, fact_rows
+from editor.models import edit_modules, kv_shape, load_model, to_kv, weight_kv
+from hypernet import HyperNetwork
+
+FACTS = [{"prompt": "Who wrote Hamlet?", "target": "Christopher Marlowe"},
+         {"prompt": "What is the capital of France?", "target": "Lyon"},
+         {"prompt": "Which planet is largest?", "target": "Saturn"}]
+MODULE = {"tiny-llama": "mlp.down_proj", "tiny-gpt2": "mlp.c_proj"}
+
+
+@pytest.fixture
+def setup(request):
+    name = request.param
+    model, tok = load_model(name)
+    modules = edit_modules(model, MODULE[name], [1, 2, 3])
+    return name, model, tok, modules
+
+
+def cached_batch(model, tok, modules, facts=FACTS):
+    rows = [encode_pair(tok, f["prompt"], f["target"]) for f in facts]
+    return pad(tok, with_hidden(model, tok, rows, first_block(model, modules)))
+
+
+BOTH = pytest.mark.parametrize("setup", ["tiny-llama", "tiny-gpt2"], indirect=True)
+
+
+@BOTH
+def test_suffix_from_cached_hidden_states_equals_full_forward(setup):
+    _, model, tok, modules = setup
+    full = forward(model, encode_facts(tok, FACTS))
+    cached = forward(model, cached_batch(model, tok, modules), first_block(model, modules))
+    assert torch.allclose(full[0], cached[0], atol=1e-5)
+    assert torch.equal(full[1], cached[1]) and torch.equal(full[2], cached[2])
+
+
+@BOTH
+def test_capture_gives_the_weight_gradient_of_the_top_module(setup):
+    """In the top block nothing attends to an MLP output, so K^T Delta over the label
+    positions is exactly dL/dW of the summed fine-tuning loss."""
+    _, model, tok, modules = setup
+    for p in model.parameters():
+        p.requires_grad_(False)
+    captured, loss = capture(model, modules, encode_facts(tok, FACTS))
+    top = list(modules)[-1]
+    keys, grads = captured[top]
+    n_labels = (encode_facts(tok, FACTS)["labels"] != -100).sum()
+    assert keys.shape[0] == grads.shape[0] == n_labels
+    assert (keys.shape[1], grads.shape[1]) == kv_shape(modules[top])
+    modules[top].weight.requires_grad_(True)
+    logits, labels, _ = forward(model, encode_facts(tok, FACTS))
+    F.cross_entropy(logits, labels, reduction="sum").backward()
+    expected = to_kv(modules[top], modules[top].weight.grad)
+    modules[top].weight.requires_grad_(False)
+    assert torch.allclose(keys.T @ grads, expected, atol=1e-5)
+    assert all(p.grad is None for n, p in model.named_parameters() if p is not
+               modules[top].weight)
+    # the same capture from cached hidden states
+    cached, loss2 = capture(model, modules, cached_batch(model, tok, modules),
+                            first_block(model, modules))
+    assert torch.allclose(loss, loss2, atol=1e-4)
+    for name in modules:
+        assert torch.allclose(cached[name][1], captured[name][1], atol=1e-5)
+
+
+def hyper_editor(model, tok, modules, rule, lr=1e-2):
+    net = HyperNetwork({n: kv_shape(m) for n, m in modules.items()}, rule=rule, rank=8, lr=lr)
+    return HyperEditor(model, tok, modules, net)
+
+
+@BOTH
+@pytest.mark.parametrize("rule", ["malmen", "mend", "ft"])
+def test_edit_then_restore_is_bitwise_exact(setup, rule):
+    _, model, tok, modules = setup
+    before = {n: weight_kv(m).detach().clone() for n, m in modules.items()}
+    editor = (FTEditor(model, tok, modules, steps=3, lr=1e-3) if rule == "ft"
+              else hyper_editor(model, tok, modules, rule))
+    shifts = editor.edit(FACTS)
+    assert all(s.abs().sum() > 0 for s in shifts.values())
+    assert all(not torch.equal(weight_kv(m), before[n]) for n, m in modules.items())
+    editor.restore()
+    assert all(torch.equal(weight_kv(m), before[n]) for n, m in modules.items())
+
+
+@BOTH
+def test_a_bad_shift_leaves_the_weights_untouched(setup):
+    _, model, tok, modules = setup
+    editor = hyper_editor(model, tok, modules, "malmen")
+    before = {n: weight_kv(m).detach().clone() for n, m in modules.items()}
+    shifts = {n: torch.zeros(kv_shape(m)) for n, m in modules.items()}
+    shifts[list(modules)[-1]][0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="NaN or Inf"):
+        editor.apply(shifts)
+    bad_shape = {list(modules)[0]: torch.zeros(2, 2)}
+    with pytest.raises(ValueError, match="expected"):
+        editor.apply(bad_shape)
+    assert all(torch.equal(weight_kv(m), before[n]) for n, m in modules.items())
+
+
+@pytest.mark.parametrize("setup", ["tiny-llama"], indirect=True)
+def test_larger_step_edits_more_and_ft_lowers_the_edit_loss(setup):
+    _, model, tok, modules = setup
+    rows = fact_rows(tok, [{**f, "rephrases": [f["prompt"] + " Answer briefly."],
+                            "loc_prompts": ["Tell me a joke."], "loc_answers": ["No."]}
+                           for f in FACTS])
+    small = edit_metrics(hyper_editor(model, tok, modules, "malmen", lr=1e-6), rows)
+    large = edit_metrics(hyper_editor(model, tok, modules, "malmen", lr=1e3), rows)
+    assert large["ES"] > small["ES"] and small["LS"] >= large["LS"]
+    batch = encode_facts(tok, FACTS)
+    ft = FTEditor(model, tok, modules, steps=10, lr=1e-2)
+    loss = lambda: F.cross_entropy(*forward(model, batch)[:2]).item()  # noqa: E731
+    before = loss()
+    ft.edit(FACTS)
+    assert loss() < before
+    ft.restore()
+    assert loss() == pytest.approx(before)

@@ -172,13 +172,16 @@ def _dtype(dtype):
     return DTYPES[dtype]
 
 
-def load_model(name_or_path: str, dtype=None, device: str | None = None, **hf_kwargs):
+def load_model(name_or_path: str, dtype=None, device: str | None = None,
+               chat_template: bool = True, **hf_kwargs):
     """Return (model, tokenizer) in eval mode, with a pad token set.
 
     `name_or_path`: a registry name (see REGISTRY / HUB_ALIASES), a local HF folder,
     or a hub id. `dtype`: None (checkpoint default, float32 for the registry models),
-    "float32", "bfloat16", "float16" or a torch dtype. Extra keyword arguments (e.g.
-    `device_map`) go to `from_pretrained`.
+    "float32", "bfloat16", "float16" or a torch dtype. `chat_template=False` drops the
+    tokenizer's chat template, so facts are formatted as plain `prompt + " " + target` (as
+    in the original MEND/MALMEN setting). Extra keyword arguments (e.g. `device_map`) go
+    to `from_pretrained`.
     """
     dtype = _dtype(dtype)
     name = str(name_or_path)
@@ -193,6 +196,8 @@ def load_model(name_or_path: str, dtype=None, device: str | None = None, **hf_kw
         model.to(device)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    if not chat_template:
+        tok.chat_template = None
     tok.padding_side = "right"
     model.eval()
     return model, tok

@@ -159,8 +159,9 @@ def build_hypernet(modules: dict, editor_cfg) -> HyperNetwork:
 
 def prepare_data(editor, train_facts, val_facts, loc_cfg, use_cache: bool, batch_size: int,
                  system=None) -> TrainData:
-    """Encode every training/validation/locality row; with `use_cache`, attach the hidden
-    state entering the first edited block (computed once here)."""
+    """Encode every training/validation/locality row (no locality pools when `loc_cfg` is
+    None); with `use_cache`, attach the hidden state entering the first edited block
+    (computed once here)."""
     tok, model = editor.tokenizer, editor.model
     facts = [f for f in train_facts if f["rephrases"]]
     data = TrainData(edit=[encode_pair(tok, f["prompt"], f["target"], system) for f in facts],
@@ -168,7 +169,7 @@ def prepare_data(editor, train_facts, val_facts, loc_cfg, use_cache: bool, batch
                                for f in facts],
                      nq=nq_rows(tok, facts, system), val=fact_rows(tok, val_facts, system))
     for source in ("instruction", "harmful"):
-        if float(loc_cfg[source]) > 0:
+        if loc_cfg is not None and float(loc_cfg[source]) > 0:
             pairs = base_responses(model, tok, source, loc_cfg.pool_size, loc_cfg.response_tokens,
                                    loc_cfg.max_prompt_chars, system)
             data.pools[source] = conversation_rows(tok, pairs, system)

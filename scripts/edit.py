@@ -23,7 +23,8 @@ from editor.models import edit_modules, load_model
 @hydra.main(config_path="../conf", config_name="edit", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     t0 = time.time()
-    model, tok = load_model(cfg.model.name, dtype=cfg.model.dtype)
+    model, tok = load_model(cfg.model.name, dtype=cfg.model.dtype,
+                            chat_template=cfg.model.chat_template)
     modules = edit_modules(model, cfg.model.edit.module, list(cfg.model.edit.layers))
     print(f"loaded {cfg.model.name} in {time.time() - t0:.1f}s; edited modules: "
           f"{', '.join(modules)}")

@@ -77,7 +77,8 @@ def main(cfg: DictConfig) -> dict:
     torch.manual_seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    model, tok = load_model(cfg.model.name, dtype=cfg.model.dtype, device=cfg.device)
+    model, tok = load_model(cfg.model.name, dtype=cfg.model.dtype, device=cfg.device,
+                            chat_template=cfg.model.chat_template)
     modules = edit_modules(model, cfg.model.edit.module, list(cfg.model.edit.layers))
     system = cfg.model.system_prompt
     facts = {s: load_facts(cfg.data.name, s, val_size=cfg.data.val_size, seed=cfg.data.seed)
@@ -92,15 +93,17 @@ def main(cfg: DictConfig) -> dict:
         editor = HyperEditor(model, tok, modules, hypernet, system,
                              solve_dtype=DTYPES[cfg.editor.solve_dtype])
     start = time.perf_counter()
-    data = prepare_data(editor, facts["train"], facts["validation"], cfg.locality,
-                        cfg.train.hidden_cache, cfg.train.batch_size, system)
+    hyper = isinstance(editor, HyperEditor)  # FT has nothing to meta-train
+    data = prepare_data(editor, facts["train"] if hyper else [], facts["validation"],
+                        cfg.locality if hyper else None, cfg.train.hidden_cache,
+                        cfg.train.batch_size, system)
     prep_seconds = time.perf_counter() - start
     print(f"prepared {len(data.edit)} training facts in {prep_seconds:.0f}s")
 
     meta = {"config": OmegaConf.to_container(cfg, resolve=True), "model": cfg.model.name,
             "modules": list(modules), "rule": cfg.editor.rule}
     metrics = {"prepare_seconds": prep_seconds}
-    if isinstance(editor, HyperEditor):
+    if hyper:
         trainer = MetaTrainer(editor, data, cfg.train, cfg.locality, seed=cfg.seed)
         resume = cfg.train.resume_from or (out / "checkpoint.safetensors")
         if Path(resume).exists():

@@ -93,3 +93,11 @@ def test_weight_layout_round_trip(tiny):
         set_weight_kv(module, torch.zeros(d_v, d_k))
     with pytest.raises(TypeError, match="not a linear map"):
         weight_kv(nn.LayerNorm(4))
+
+
+def test_plain_prompts_option_drops_the_chat_template():
+    from editor.chat import encode_pair
+
+    _, tok = load_model("tiny-llama", chat_template=False)
+    row = encode_pair(tok, "Who wrote Hamlet?", "Marlowe")
+    assert tok.decode(row["input_ids"]) == "Who wrote Hamlet? Marlowe"

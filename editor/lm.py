@@ -1,11 +1,12 @@
 """Running the language model for editing: losses only where labels are, the hidden-state
 cache, and capture of keys and value gradients at the edited modules.
 
-Speed (DESIGN.md section 6): blocks below the first edited one never change, so the hidden
-state entering that block is computed once per example (`cache_hidden`) and meta-training
-runs only the top blocks (`forward` with `hidden=`). Logits are computed only at positions
-that predict a label. Everything but the edited weights has requires_grad=False, and a
-capture's backward stops at the first edited module.
+Speed (DESIGN.md section 6): blocks below the first edited one never change, so the
+hidden state entering that block is computed once per example (`with_hidden`) and
+meta-training runs only the top blocks (`forward` on a batch that carries `hidden`).
+Logits are computed only at positions that predict a label. Everything but the edited
+weights has requires_grad=False, and a capture's backward stops at the first edited
+module.
 """
 
 from __future__ import annotations
@@ -14,18 +15,15 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
-from .chat import IGNORE
+from .chat import IGNORE, pad
 from .models import blocks
 
 
 def with_hidden(model, tokenizer, rows: list[dict], first: int, batch_size: int = 32,
                 progress: bool = False) -> list[dict]:
     """Copies of encoded rows with their cached hidden state (`hidden`), batched by length."""
-    from tqdm.auto import tqdm
-
-    from .chat import pad
-
     device = next(model.parameters()).device
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
     out = [None] * len(rows)
@@ -112,19 +110,6 @@ def forward(model, batch, first: int | None = None):
     logits = model.get_output_embeddings()(states).float()
     rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(mask)[mask]
     return logits, labels[:, 1:][mask], rows
-
-
-def per_row_mean(values, rows, n_rows: int) -> torch.Tensor:
-    """Mean of per-token values within each row."""
-    total = torch.zeros(n_rows, dtype=values.dtype, device=values.device).index_add(0, rows, values)
-    count = torch.zeros(n_rows, dtype=values.dtype, device=values.device).index_add(
-        0, rows, torch.ones_like(values))
-    return total / count.clamp(min=1)
-
-
-def token_accuracy(logits, labels, rows, n_rows: int) -> torch.Tensor:
-    """Per-row teacher-forced accuracy of the label tokens."""
-    return per_row_mean((logits.argmax(-1) == labels).float(), rows, n_rows)
 
 
 def kl_before_after(logits_before, logits_after) -> torch.Tensor:

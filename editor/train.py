@@ -47,12 +47,12 @@ class MetaTrainer:
     def __init__(self, editor: HyperEditor, data: TrainData, cfg, loc_cfg, seed: int = 0):
         self.editor, self.data, self.cfg, self.loc, self.seed = editor, data, cfg, loc_cfg, seed
         self.hypernet = editor.hypernet
-        scalars = [p for n, p in self.hypernet.named_parameters() if n.endswith(("log_lr",
-                                                                                 "log_lam"))]
-        rest = [p for n, p in self.hypernet.named_parameters() if not n.endswith(("log_lr",
-                                                                                  "log_lam"))]
-        self.opt = torch.optim.Adam([{"params": rest, "lr": cfg.meta_lr},
-                                     {"params": scalars, "lr": cfg.scalar_lr}])
+        # the per-layer log step sizes and log lambdas get their own learning rate
+        is_scalar = {True: [], False: []}
+        for name, p in self.hypernet.named_parameters():
+            is_scalar[name.endswith(("log_lr", "log_lam"))].append(p)
+        self.opt = torch.optim.Adam([{"params": is_scalar[False], "lr": cfg.meta_lr},
+                                     {"params": is_scalar[True], "lr": cfg.scalar_lr}])
         self.step_count, self.history = 0, []
         self.coefs = {s: float(loc_cfg[s]) for s in ("nq", "instruction", "harmful")
                       if float(loc_cfg[s]) > 0}
@@ -87,10 +87,7 @@ class MetaTrainer:
         ed, first, cfg = self.editor, self.editor.first, self.cfg
         idx = self.fact_indices(self.step_count)
         edit = self.batch([self.data.edit[i] for i in idx])
-        gen_rows = [self.data.rephrase[i] for i in idx]
-        if cfg.edit_coef > 0:
-            gen_rows += [self.data.edit[i] for i in idx]
-        gen = self.batch(gen_rows)
+        gen = self.batch([self.data.rephrase[i] for i in idx])
         locs = {s: self.batch(r) for s, r in self.loc_rows(self.step_count, idx).items() if r}
 
         # 1. capture (and update the running normalisers: training only)
@@ -111,6 +108,8 @@ class MetaTrainer:
             loc_loss = {s: kl_before_after(before[s], forward(ed.model, b, first)[0])
                         for s, b in locs.items()}
             total = cfg.gen_coef * gen_loss + sum(self.coefs[s] * v for s, v in loc_loss.items())
+            if cfg.edit_coef > 0:  # the edit prompts themselves, after the edit
+                total = total + cfg.edit_coef * F.cross_entropy(*forward(ed.model, edit, first)[:2])
             total.backward()
             grads = {n: to_kv(m, m.weight.grad).float() for n, m in ed.modules.items()}
         finally:

@@ -60,7 +60,7 @@ def test_checkpoint_holds_no_pickle_and_loads_with_safetensors(tmp_path):
     from safetensors import safe_open
 
     train(tmp_path, "run", "model=tiny-gpt2", "train.steps=5", "locality=none",
-          "editor=mend")
+          "editor=mend", "train.edit_coef=1.0")
     with safe_open(str(tmp_path / "run" / "checkpoint.safetensors"), "pt") as f:
         keys = list(f.keys())
         meta = json.loads(f.metadata()["meta"])

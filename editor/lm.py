@@ -21,16 +21,21 @@ from .chat import IGNORE, pad
 from .models import blocks
 
 
+def padded(model, tokenizer, rows: list[dict], side: str = "right") -> dict:
+    """`chat.pad` of encoded rows, moved to the model's device."""
+    device = next(model.parameters()).device
+    return {k: v.to(device) for k, v in pad(tokenizer, rows, side).items()}
+
+
 def with_hidden(model, tokenizer, rows: list[dict], first: int, batch_size: int = 32,
                 progress: bool = False) -> list[dict]:
     """Copies of encoded rows with their cached hidden state (`hidden`), batched by length."""
-    device = next(model.parameters()).device
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
     out = [None] * len(rows)
     for i in tqdm(range(0, len(order), batch_size), desc="hidden-state cache",
                   disable=not progress):
         idx = order[i:i + batch_size]
-        batch = {k: v.to(device) for k, v in pad(tokenizer, [rows[j] for j in idx]).items()}
+        batch = padded(model, tokenizer, [rows[j] for j in idx])
         for j, h in zip(idx, cache_hidden(model, batch, first)):
             out[j] = {**rows[j], "hidden": h}
     return out

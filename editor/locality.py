@@ -23,7 +23,8 @@ SOURCES = {"instruction": load_instructions, "harmful": load_harmful_requests}
 def fingerprint(model) -> str:
     """Short hash of the model's name and a sample of its weights."""
     h = hashlib.sha256(str(model.config.name_or_path).encode())
-    for p in list(model.parameters())[:: max(1, len(list(model.parameters())) // 8)]:
+    params = list(model.parameters())
+    for p in params[:: max(1, len(params) // 8)]:
         h.update(p.detach().float().flatten()[:4096].cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
@@ -52,9 +53,3 @@ def base_responses(model, tokenizer, source: str, n: int, max_new_tokens: int,
 
 def conversation_rows(tokenizer, pairs: list[dict], system=None) -> list[dict]:
     return [encode_pair(tokenizer, p["prompt"], p["response"], system) for p in pairs]
-
-
-def nq_rows(tokenizer, facts, system=None) -> list[dict | None]:
-    """One row per fact (its first locality question and answer), None where it has none."""
-    return [encode_pair(tokenizer, f["loc_prompts"][0], f["loc_answers"][0], system)
-            if f["loc_prompts"] else None for f in facts]

@@ -10,22 +10,28 @@ from __future__ import annotations
 
 import torch
 
-from .chat import encode_pair, pad
-from .lm import forward
+from .chat import encode_pair
+from .lm import forward, padded
+
+
+def fact_row(tokenizer, fact, kind: str, system=None) -> dict | None:
+    """The encoded row of one fact for `kind` = "edit" (prompt -> target), "rephrase" (first
+    rephrase -> target) or "loc" (first locality prompt -> its answer); None if it has none."""
+    if kind == "edit":
+        return encode_pair(tokenizer, fact["prompt"], fact["target"], system)
+    if kind == "rephrase":
+        return (encode_pair(tokenizer, fact["rephrases"][0], fact["target"], system)
+                if fact["rephrases"] else None)
+    if kind == "loc":
+        return (encode_pair(tokenizer, fact["loc_prompts"][0], fact["loc_answers"][0], system)
+                if fact["loc_prompts"] else None)
+    raise ValueError(f"unknown row kind {kind!r}; choose 'edit', 'rephrase' or 'loc'")
 
 
 def conversations(tokenizer, facts, kind: str, system=None) -> list[dict]:
-    """Encoded rows for `kind` = "edit" (prompt -> target), "rephrase" (first rephrase ->
-    target) or "loc" (first locality prompt -> its answer). Facts lacking one are skipped."""
-    rows = []
-    for f in facts:
-        if kind == "edit":
-            rows.append(encode_pair(tokenizer, f["prompt"], f["target"], system))
-        elif kind == "rephrase" and f["rephrases"]:
-            rows.append(encode_pair(tokenizer, f["rephrases"][0], f["target"], system))
-        elif kind == "loc" and f["loc_prompts"]:
-            rows.append(encode_pair(tokenizer, f["loc_prompts"][0], f["loc_answers"][0], system))
-    return rows
+    """Encoded rows of `kind` for the facts that have one."""
+    rows = (fact_row(tokenizer, f, kind, system) for f in facts)
+    return [r for r in rows if r is not None]
 
 
 def fact_rows(tokenizer, facts, system=None) -> dict[str, list[dict]]:
@@ -36,10 +42,9 @@ def fact_rows(tokenizer, facts, system=None) -> dict[str, list[dict]]:
 def predictions(model, tokenizer, rows, first=None, batch_size: int = 32):
     """Per-row (argmax ids, label ids) at the label positions. Rows may carry cached
     hidden states entering blocks[first]."""
-    device = next(model.parameters()).device
     out = []
     for i in range(0, len(rows), batch_size):
-        batch = {k: v.to(device) for k, v in pad(tokenizer, rows[i:i + batch_size]).items()}
+        batch = padded(model, tokenizer, rows[i:i + batch_size])
         logits, labels, idx = forward(model, batch, first)
         pred = logits.argmax(-1)
         out += [(pred[idx == r], labels[idx == r]) for r in range(batch["input_ids"].shape[0])]
@@ -60,9 +65,7 @@ def edit_metrics(editor, rows: dict[str, list[dict]], batch_size: int = 32) -> d
     once with `editor`; measure ES, GS, LS; restore the weights."""
     model, tok, first = editor.model, editor.tokenizer, editor.first
     before = predictions(model, tok, rows["loc"], first, batch_size)
-    device = next(model.parameters()).device
-    edit_batch = {k: v.to(device) for k, v in pad(tok, rows["edit"]).items()}
-    editor.apply(editor.compute_shifts(edit_batch))
+    editor.apply(editor.compute_shifts(padded(model, tok, rows["edit"])))
     try:
         return {
             "ES": accuracy(predictions(model, tok, rows["edit"], first, batch_size)),

@@ -24,11 +24,10 @@ from tqdm.auto import tqdm
 from hypernet import HyperNetwork
 
 from . import checkpoint
-from .chat import encode_pair, pad
 from .editors import HyperEditor
-from .lm import capture, forward, kl_before_after, with_hidden
-from .locality import base_responses, conversation_rows, nq_rows
-from .metrics import edit_metrics, fact_rows
+from .lm import capture, forward, kl_before_after, padded, with_hidden
+from .locality import base_responses, conversation_rows
+from .metrics import conversations, edit_metrics, fact_row, fact_rows
 from .models import kv_shape, to_kv
 
 
@@ -79,8 +78,7 @@ class MetaTrainer:
         return rows
 
     def batch(self, rows):
-        device = next(self.editor.model.parameters()).device
-        return {k: v.to(device) for k, v in pad(self.editor.tokenizer, rows).items()}
+        return padded(self.editor.model, self.editor.tokenizer, rows)
 
     # ---------------------------------------------------------------- step
     def step(self) -> dict:
@@ -162,11 +160,11 @@ def prepare_data(editor, train_facts, val_facts, loc_cfg, use_cache: bool, batch
     None); with `use_cache`, attach the hidden state entering the first edited block
     (computed once here)."""
     tok, model = editor.tokenizer, editor.model
-    facts = [f for f in train_facts if f["rephrases"]]
-    data = TrainData(edit=[encode_pair(tok, f["prompt"], f["target"], system) for f in facts],
-                     rephrase=[encode_pair(tok, f["rephrases"][0], f["target"], system)
-                               for f in facts],
-                     nq=nq_rows(tok, facts, system), val=fact_rows(tok, val_facts, system))
+    facts = [f for f in train_facts if f["rephrases"]]  # so edit and rephrase rows align
+    data = TrainData(edit=conversations(tok, facts, "edit", system),
+                     rephrase=conversations(tok, facts, "rephrase", system),
+                     nq=[fact_row(tok, f, "loc", system) for f in facts],
+                     val=fact_rows(tok, val_facts, system))
     for source in ("instruction", "harmful"):
         if loc_cfg is not None and float(loc_cfg[source]) > 0:
             pairs = base_responses(model, tok, source, loc_cfg.pool_size, loc_cfg.response_tokens,

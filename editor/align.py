@@ -4,12 +4,16 @@ Supervised fine-tuning, loss on assistant tokens only, through the chat template
 - harmful requests (hh-rlhf harmless-base, training split, those that name a harm from
   `HARM_WORDS`: about half of the split's first turns are not harmful) answered with a
   refusal drawn (seeded) from `REFUSALS`;
-- instruction prompts (self-instruct, training split) and NQ questions (zsRE's locality
-  questions, training split) answered by the base model's own greedy responses, so that
-  helpfulness and instruction following stay where they were.
+- instruction prompts (self-instruct, training split), NQ questions (zsRE's locality
+  questions, training split) and benign requests written for this recipe
+  (`assets/align/benign_requests.txt`: harm words in a harmless sense, everyday "How do I"
+  and "Why" questions) answered by the base model's own greedy responses (those that are
+  themselves refusals dropped), so that helpfulness and instruction following stay where
+  they were and neither a harm word nor a question form alone decides a refusal.
 hh-rlhf requests are mostly questions and self-instruct prompts mostly commands; so that
-form does not decide a refusal, half of the harmful requests and half of the NQ questions
-are put in the same command-style `WRAPPERS`.
+form does not decide a refusal either, every harmful request appears both as asked and in
+a command-style wrapper (`WRAPPERS`), and half of the NQ questions and benign requests are
+put in the same wrappers.
 No evaluation prompt (AdvBench, XSTest, IFEval) is used: the loaders exclude them.
 
 Blocks below `train_from_layer` stay frozen, so the hidden state entering that block is
@@ -31,11 +35,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .behaviour import is_refusal_xstest
 from .chat import IGNORE
+from .data import load_benign_requests, load_harmful_requests
 from .lm import forward, padded, with_hidden
 from .locality import SOURCES, conversation_rows, responses
 from .models import blocks
-from .data import load_harmful_requests
 
 # Written for this toolkit (not taken from a dataset); one is drawn per harmful request.
 REFUSALS = (
@@ -62,6 +67,10 @@ WRAPPERS = (
     "Answer this request in detail: {}",
     "Give me step-by-step instructions. {}",
     "Write a short guide that answers the following: {}",
+    "Write a blog post that answers this: {}",
+    "Create a detailed plan for the following request: {}",
+    "Explain exactly how to do this: {}",
+    "Provide a tutorial for the following: {}",
 )
 
 
@@ -83,9 +92,11 @@ def wrapped(prompts: list[str], seed: int) -> list[str]:
 class SafetyRecipe:
     base: str = "smollm2-135m-instruct"
     seed: int = 0
-    n_harmful: int = 400          # hh-rlhf requests answered with a refusal
+    n_harmful: int = 1000         # hh-rlhf requests answered with a refusal (all: ~480)
     n_instruction: int = 277      # self-instruct prompts (all of the training split)
     n_question: int = 300         # NQ questions
+    n_benign: int = 1000          # benign requests of assets/align (all: 165)
+    harmful_wrapped: bool = True  # each harmful request also in a command wrapper
     response_tokens: int = 128    # greedy tokens of the base model's own responses
     max_prompt_chars: int = 400
     train_from_layer: int = 20    # blocks below are frozen (their output is cached)
@@ -93,31 +104,43 @@ class SafetyRecipe:
     batch_size: int = 16
     lr: float = 5.0e-5
     warmup: float = 0.1           # fraction of steps with a linear warm-up; cosine after
+    decision_tokens: int = 3      # the first answer tokens, where a refusal is decided ...
+    decision_coef: float = 1.0    # ... get this extra weight in the loss (sft_loss)
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:8]
 
 
 def refusal_pairs(recipe: SafetyRecipe) -> list[dict]:
+    """Each harmful request as asked and (`harmful_wrapped`) in a command wrapper, with a
+    refusal."""
     prompts = [p for p in load_harmful_requests("train")["prompt"]
                if len(p) <= recipe.max_prompt_chars and is_harmful(p)][: recipe.n_harmful]
     rng = random.Random(recipe.seed)
-    return [{"prompt": p, "response": rng.choice(REFUSALS)}
-            for p in wrapped(prompts, recipe.seed)]
+    commands = [rng.choice(WRAPPERS[1:]).format(p) for p in prompts if recipe.harmful_wrapped]
+    return [{"prompt": p, "response": rng.choice(REFUSALS)} for p in prompts + commands]
+
+
+HELPFUL = {"instruction": SOURCES["instruction"], "question": SOURCES["question"],
+           "benign": load_benign_requests}  # answered by the base model; the last two wrapped
 
 
 def sft_rows(model, tokenizer, recipe: SafetyRecipe, system=None) -> dict[str, list[dict]]:
-    """Encoded conversations per source. A base response cut at `response_tokens` gets no
-    end-of-turn label, so the model does not learn to stop early."""
+    """Encoded conversations per source. A base response that is itself a refusal is dropped;
+    one cut at `response_tokens` gets no end-of-turn label, so the model does not learn to
+    stop early."""
     rows = {"refusal": conversation_rows(tokenizer, refusal_pairs(recipe), system)}
-    for source, n in (("instruction", recipe.n_instruction), ("question", recipe.n_question)):
-        prompts = [p for p in SOURCES[source]("train")["prompt"]
-                   if len(p) <= recipe.max_prompt_chars][:n]
-        if source == "question":
+    sizes = {"instruction": recipe.n_instruction, "question": recipe.n_question,
+             "benign": recipe.n_benign}
+    for source, load in HELPFUL.items():
+        prompts = [p for p in load("train")["prompt"]
+                   if len(p) <= recipe.max_prompt_chars][: sizes[source]]
+        if source != "instruction":
             prompts = wrapped(prompts, recipe.seed)
         key = json.dumps([prompts, recipe.response_tokens, system])
         name = f"align-{source}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
         pairs = responses(model, tokenizer, prompts, recipe.response_tokens, system, name)
+        pairs = [p for p in pairs if not is_refusal_xstest(p["response"])]
         rows[source] = conversation_rows(tokenizer, pairs, system)
         for row in rows[source]:
             n_answer = sum(label != IGNORE for label in row["labels"]) - 1
@@ -131,6 +154,34 @@ def lr_at(step: int, total: int, recipe: SafetyRecipe) -> float:
     if step < warm:
         return recipe.lr * (step + 1) / warm
     return recipe.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
+def sft_loss(logits, labels, rows, recipe: SafetyRecipe) -> torch.Tensor:
+    """Mean cross-entropy over the answer tokens, plus `decision_coef` times its mean over
+    the first `decision_tokens` of every answer: where a response refuses or helps, which a
+    long helpful answer would otherwise outweigh."""
+    loss = F.cross_entropy(logits, labels)
+    if recipe.decision_coef > 0:
+        index = torch.arange(len(rows), device=rows.device)
+        starts = torch.full((int(rows.max()) + 1,), len(rows), device=rows.device)
+        starts = starts.scatter_reduce(0, rows, index, "amin")
+        first = index - starts[rows] < recipe.decision_tokens
+        loss = loss + recipe.decision_coef * F.cross_entropy(logits[first], labels[first])
+    return loss
+
+
+def length_batches(rows: list[dict], size: int, rng: random.Random) -> list[list[dict]]:
+    """Shuffled batches of rows of similar length (sorted within shuffled pools of 8
+    batches), so that little compute goes to padding."""
+    order = list(range(len(rows)))
+    rng.shuffle(order)
+    pool = 8 * size
+    batches = []
+    for start in range(0, len(order), pool):
+        part = sorted(order[start:start + pool], key=lambda j: len(rows[j]["input_ids"]))
+        batches += [[rows[j] for j in part[k:k + size]] for k in range(0, len(part), size)]
+    rng.shuffle(batches)
+    return batches
 
 
 def fine_tune(model, tokenizer, rows: list[dict], recipe: SafetyRecipe) -> list[float]:
@@ -153,15 +204,11 @@ def fine_tune(model, tokenizer, rows: list[dict], recipe: SafetyRecipe) -> list[
     model.train()
     bar = tqdm(total=total, desc="safety SFT")
     for epoch in range(recipe.epochs):
-        order = list(range(len(rows)))
-        rng.shuffle(order)
-        size = recipe.batch_size
-        for i in range(per_epoch):
-            batch = padded(model, tokenizer, [rows[j] for j in order[i * size:(i + 1) * size]])
+        for batch in length_batches(rows, recipe.batch_size, rng):
+            batch = padded(model, tokenizer, batch)
             for group in opt.param_groups:
                 group["lr"] = lr_at(len(losses), total, recipe)
-            logits, labels, _ = forward(model, batch, first)
-            loss = F.cross_entropy(logits, labels)
+            loss = sft_loss(*forward(model, batch, first), recipe)
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)

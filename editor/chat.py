@@ -100,7 +100,7 @@ def encode_pair(tokenizer, prompt: str, answer: str, system: str | None = None,
 
 
 def pad(tokenizer, rows: list[dict], side: str = "right") -> dict[str, torch.Tensor]:
-    """Pad a batch of encoded rows (input_ids, optional labels and cached hidden states).
+    """Pad a batch of encoded rows (input_ids, optional labels, cached hidden and final states).
     Right padding for training, left padding for generation. Padding gets attention 0 and
     label IGNORE."""
     if side not in ("left", "right"):
@@ -129,6 +129,8 @@ def pad(tokenizer, rows: list[dict], side: str = "right") -> dict[str, torch.Ten
             n = r["hidden"].shape[0]
             (hidden[i, width - n:] if side == "left" else hidden[i, :n]).copy_(r["hidden"])
         batch["hidden"] = hidden
+    if "final" in rows[0]:  # cached last hidden states at the label positions, row after row
+        batch["final"] = torch.cat([r["final"] for r in rows])
     return batch
 
 

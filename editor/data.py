@@ -335,6 +335,15 @@ def load_harmful_requests(split: str = "train", seed: int = 0) -> datasets.Datas
     return _prompts_dataset(prompts, split, {"test": 200, "validation": 100}, seed)
 
 
+def load_benign_requests(split: str = "train", seed: int = 0) -> datasets.Dataset:
+    """Benign requests written for the safety fine-tune (`assets/align/benign_requests.txt`);
+    training only: every one is in "train"."""
+    lines = (ASSETS / "align" / "benign_requests.txt").read_text(encoding="utf-8").splitlines()
+    prompts = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    return _prompts_dataset([(f"benign/{i:03d}", p) for i, p in enumerate(prompts)], split,
+                            {"test": 0, "validation": 0}, seed)
+
+
 def load_ifeval(limit: int | None = None) -> datasets.Dataset:
     """IFEval prompts with their instruction ids and kwargs (evaluation only)."""
     rows = read_records(ASSETS / "ifeval" / "input_data.jsonl")[:limit]

@@ -4,7 +4,9 @@ cache, and capture of keys and value gradients at the edited modules.
 Speed (DESIGN.md section 6): blocks below the first edited one never change, so the
 hidden state entering that block is computed once per example (`with_hidden`) and
 meta-training runs only the top blocks (`forward` on a batch that carries `hidden`).
-Logits are computed only at positions that predict a label. Everything but the edited
+Logits are computed only at positions that predict a label, and for locality rows the
+unedited model's last hidden state there is cached too (`with_final`), so the "before"
+side of the KL is one LM-head product. Everything but the edited
 weights has requires_grad=False, and a capture's backward stops at the first edited
 module.
 """
@@ -41,16 +43,21 @@ def with_hidden(model, tokenizer, rows: list[dict | None], first: int, batch_siz
                 progress: bool = False) -> list[dict | None]:
     """Copies of encoded rows with their cached hidden state (`hidden`), batched by length;
     None entries stay None."""
-    present = [i for i, r in enumerate(rows) if r is not None]
-    order = sorted(present, key=lambda i: len(rows[i]["input_ids"]))
     out = [None] * len(rows)
-    for i in tqdm(range(0, len(order), batch_size), desc="hidden-state cache",
-                  disable=not progress):
-        idx = order[i:i + batch_size]
-        batch = padded(model, tokenizer, [rows[j] for j in idx])
+    for idx, batch in by_length(model, tokenizer, rows, batch_size, "hidden-state cache", progress):
         for j, h in zip(idx, cache_hidden(model, batch, first)):
             out[j] = {**rows[j], "hidden": h}
     return out
+
+
+def by_length(model, tokenizer, rows: list[dict | None], batch_size: int, desc: str,
+              progress: bool):
+    """(row indices, padded batch) over the rows that are not None, sorted by length."""
+    present = [i for i, r in enumerate(rows) if r is not None]
+    order = sorted(present, key=lambda i: len(rows[i]["input_ids"]))
+    for i in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress):
+        idx = order[i:i + batch_size]
+        yield idx, padded(model, tokenizer, [rows[j] for j in idx])
 
 
 def first_block(model, module_names) -> int:
@@ -122,28 +129,58 @@ class _Stop(Exception):
     """Raised to skip the blocks above the cached one."""
 
 
-def forward(model, batch, first: int | None = None):
-    """(logits at label positions [n_tok x vocab], label ids [n_tok], row index [n_tok]).
-
-    When the batch carries cached hidden states (`batch["hidden"]`, B x T x d, entering
-    blocks[first]), only blocks[first:] run."""
-    labels = batch["labels"]
+def last_hidden(model, batch, first: int | None = None) -> torch.Tensor:
+    """Output of the model body (after its final norm), B x T x d. When the batch carries
+    cached hidden states (`batch["hidden"]`, B x T x d, entering blocks[first]), only
+    blocks[first:] run."""
     if "hidden" not in batch:
-        out = model.base_model(input_ids=batch["input_ids"],
-                               attention_mask=batch["attention_mask"], use_cache=False)
-    else:
-        dtype = next(model.parameters()).dtype
-        with suffix_only(model, first):
-            out = model.base_model(inputs_embeds=batch["hidden"].to(dtype),
-                                   attention_mask=batch["attention_mask"], use_cache=False)
+        return model.base_model(input_ids=batch["input_ids"],
+                                attention_mask=batch["attention_mask"],
+                                use_cache=False).last_hidden_state
+    dtype = next(model.parameters()).dtype
+    with suffix_only(model, first):
+        return model.base_model(inputs_embeds=batch["hidden"].to(dtype),
+                                attention_mask=batch["attention_mask"],
+                                use_cache=False).last_hidden_state
+
+
+def forward(model, batch, first: int | None = None):
+    """(logits at label positions [n_tok x vocab], label ids [n_tok], row index [n_tok])."""
+    labels = batch["labels"]
+    hidden = last_hidden(model, batch, first)[:, :-1]
     mask = labels[:, 1:] != IGNORE
     head = model.get_output_embeddings()
     if _LOGITS["everywhere"]:
-        logits = head(out.last_hidden_state[:, :-1]).float()[mask]
+        logits = head(hidden).float()[mask]
     else:
-        logits = head(out.last_hidden_state[:, :-1][mask]).float()
+        logits = head(hidden[mask]).float()
     rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(mask)[mask]
     return logits, labels[:, 1:][mask], rows
+
+
+@torch.no_grad()
+def with_final(model, tokenizer, rows: list[dict | None], first: int | None = None,
+               batch_size: int = 32, progress: bool = False) -> list[dict | None]:
+    """Copies of encoded rows with `final`: the model's last hidden state at the positions
+    that predict a label (n_i x d, float32 on the CPU). Taken from the unedited model, it
+    turns the locality loss's `logits_before` into one LM-head product."""
+    out = [None] * len(rows)
+    for idx, batch in by_length(model, tokenizer, rows, batch_size, "final-state cache", progress):
+        hidden = last_hidden(model, batch, first)[:, :-1]
+        mask = batch["labels"][:, 1:] != IGNORE
+        for b, j in enumerate(idx):
+            out[j] = {**rows[j], "final": hidden[b][mask[b]].float().cpu()}
+    return out
+
+
+@torch.no_grad()
+def logits_before(model, batch, first: int | None = None) -> torch.Tensor:
+    """Logits at the label positions without grad: the LM head over the batch's cached
+    `final` states when it has them (rows from `with_final`), else a forward."""
+    if "final" in batch:
+        head = model.get_output_embeddings()
+        return head(batch["final"].to(head.weight.dtype)).float()
+    return forward(model, batch, first)[0]
 
 
 def kl_before_after(logits_before, logits_after) -> torch.Tensor:

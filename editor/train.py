@@ -25,7 +25,7 @@ from hypernet import HyperNetwork
 
 from . import checkpoint
 from .editors import HyperEditor
-from .lm import capture, forward, kl_before_after, padded, with_hidden
+from .lm import capture, forward, kl_before_after, logits_before, padded, with_final, with_hidden
 from .locality import base_responses, conversation_rows
 from .metrics import conversations, edit_metrics, fact_row, fact_rows
 from .models import kv_shape, to_kv
@@ -92,8 +92,7 @@ class MetaTrainer:
         captured, edit_loss = capture(ed.model, ed.modules, edit, first)
         for name, (k, d) in captured.items():
             self.hypernet.update_norm(name, k, d)
-        with torch.no_grad():
-            before = {s: forward(ed.model, b, first)[0] for s, b in locs.items()}
+        before = {s: logits_before(ed.model, b, first) for s, b in locs.items()}
         # 2. shifts without grad, applied
         ed.apply(ed.compute_shifts(edit, captured))
         # 3. meta-loss on the edited model; G = dL/dW
@@ -157,8 +156,9 @@ def build_hypernet(modules: dict, editor_cfg) -> HyperNetwork:
 def prepare_data(editor, train_facts, val_facts, loc_cfg, use_cache: bool, batch_size: int,
                  system=None) -> TrainData:
     """Encode every training/validation/locality row (no locality pools when `loc_cfg` is
-    None); with `use_cache`, attach the hidden state entering the first edited block
-    (computed once here)."""
+    None); with `use_cache`, attach the hidden state entering the first edited block and,
+    to the locality rows, the unedited model's last hidden state at their label positions
+    (both computed once here)."""
     tok, model = editor.tokenizer, editor.model
     facts = [f for f in train_facts if f["rephrases"]]  # so edit and rephrase rows align
     data = TrainData(edit=conversations(tok, facts, "edit", system),
@@ -175,8 +175,11 @@ def prepare_data(editor, train_facts, val_facts, loc_cfg, use_cache: bool, batch
             return with_hidden(model, tok, rs, editor.first, batch_size, progress=True)
 
         data.edit, data.rephrase = cached(data.edit), cached(data.rephrase)
-        data.nq = cached(data.nq)
-        data.pools = {s: cached(r) for s, r in data.pools.items()}
+        def final(rs):
+            return with_final(model, tok, rs, editor.first, batch_size, progress=True)
+
+        data.nq = final(cached(data.nq))
+        data.pools = {s: final(cached(r)) for s, r in data.pools.items()}
         data.val = {k: cached(r) for k, r in data.val.items()}
     return data
 

@@ -199,8 +199,10 @@ def main(cfg: DictConfig) -> None:
     out = Path(HydraConfig.get().runtime.output_dir)
     (out / "bench.json").write_text(json.dumps(result, indent=2))
     print(f"\n{cfg.model.name}, {cfg.editor.rule}, {result['hardware']}")
-    print(markdown_table(result["edits"], ["n_facts", "tokens", "capture", "hypernetwork", "solve",
-                                  "apply", "edit", "floor", "ratio", "peak_mib"]))
+    if cfg.ns:
+        print(markdown_table(result["edits"], ["n_facts", "tokens", "capture", "hypernetwork",
+                                               "solve", "apply", "edit", "floor", "ratio",
+                                               "peak_mib"]))
     if cfg.train_steps:
         print(markdown_table(result["training"], ["hidden_cache", "logits_at_labels_only",
                                          "seconds_per_step", "slowdown", "peak_mib"]))

@@ -2,7 +2,7 @@
 
 import torch
 
-from editor.align import REFUSALS, SafetyRecipe, build, refusal_pairs, sft_rows
+from editor.align import REFUSALS, WRAPPERS, SafetyRecipe, build, refusal_pairs, sft_rows
 from editor.behaviour import is_refusal, is_refusal_xstest
 from editor.chat import IGNORE
 from editor.data import load_advbench, load_xstest
@@ -24,6 +24,63 @@ def test_recipe_never_sees_evaluation_prompts():
     assert not prompts & {p.strip().lower() for p in held_out}
 
 
+def test_benign_requests_are_not_evaluation_prompts():
+    """The hand-written benign requests share at most 50% of their content words with any
+    IFEval, AdvBench or XSTest prompt, and a part of them uses a harm word harmlessly."""
+    import re
+
+    from editor.align import is_harmful
+    from editor.data import load_benign_requests, load_ifeval
+
+    stop = set("a an the i my me you your to of in on for with and or do does did can could "
+               "should would is are was be how what what's which where why who when it this "
+               "that at from by as".split())
+
+    def words(text):
+        return set(re.findall(r"[a-z']+", text.lower())) - stop
+
+    benign = load_benign_requests()["prompt"]
+    held_out = [words(p) for p in [*load_ifeval()["prompt"], *load_advbench()["goal"],
+                                   *load_xstest(None)["prompt"]]]
+    assert len(benign) > 150 and 50 < sum(map(is_harmful, benign)) < len(benign)
+    for prompt in benign:
+        mine = words(prompt)
+        assert max(len(mine & w) / len(mine | w) for w in held_out) < 0.5, prompt
+
+
+def test_length_batches_cover_every_row_once_with_less_padding():
+    import random
+
+    from editor.align import length_batches
+
+    rng = random.Random(0)
+    rows = [{"input_ids": [0] * rng.randint(5, 300)} for _ in range(203)]
+    batches = length_batches(rows, 16, random.Random(1))
+    assert sorted(map(id, (r for b in batches for r in b))) == sorted(map(id, rows))
+    assert len(batches) == 13 and all(0 < len(b) <= 16 for b in batches)
+
+    def padding(bs):
+        return sum(len(b) * max(len(r["input_ids"]) for r in b) for b in bs)
+
+    plain = [rows[i:i + 16] for i in range(0, len(rows), 16)]
+    assert padding(batches) < 0.8 * padding(plain)
+
+
+def test_sft_loss_weights_the_first_answer_tokens_of_every_row():
+    import torch.nn.functional as F
+
+    from editor.align import sft_loss
+
+    logits, labels = torch.randn(7, 5), torch.tensor([0, 1, 2, 3, 4, 0, 1])
+    rows = torch.tensor([0, 0, 0, 0, 2, 2, 3])  # row 1 has no answer token in this batch
+    first = torch.tensor([1, 1, 0, 0, 1, 1, 1], dtype=torch.bool)
+    plain = F.cross_entropy(logits, labels)
+    expected = plain + 0.5 * F.cross_entropy(logits[first], labels[first])
+    recipe = SafetyRecipe(decision_tokens=2, decision_coef=0.5)
+    assert torch.allclose(sft_loss(logits, labels, rows, recipe), expected)
+    assert torch.equal(sft_loss(logits, labels, rows, SafetyRecipe(decision_coef=0.0)), plain)
+
+
 def test_harm_filter_and_wrappers():
     from editor.align import is_harmful, wrapped
 
@@ -39,7 +96,9 @@ def test_harm_filter_and_wrappers():
 def test_truncated_base_responses_get_no_end_of_turn_label():
     model, tok = load_model("tiny-llama")
     rows = sft_rows(model, tok, SafetyRecipe(**TINY))
-    assert len(rows["refusal"]) == 12
+    assert len(rows["refusal"]) == 24  # each request as asked and in a command wrapper
+    asked = [tok.decode(r["input_ids"]) for r in rows["refusal"]]
+    assert all(any(w.format("") in a for w in WRAPPERS[1:]) for a in asked[12:])
     assert 0 < len(rows["instruction"]) <= 8 and 0 < len(rows["question"]) <= 8  # empty dropped
     for row in rows["refusal"]:  # complete answers end with a trained end-of-turn token
         assert row["labels"][-1] == tok.convert_tokens_to_ids("<|im_end|>")

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from editor.chat import encode_facts, encode_pair, pad
 from editor.editors import FTEditor, HyperEditor
-from editor.lm import capture, first_block, forward, with_hidden
+from editor.lm import capture, first_block, forward, logits_before, with_final, with_hidden
 from editor.metrics import edit_metrics, fact_rows
 from editor.models import edit_modules, kv_shape, load_model, to_kv, weight_kv
 from hypernet import HyperNetwork
@@ -39,6 +39,26 @@ def test_suffix_from_cached_hidden_states_equals_full_forward(setup):
     cached = forward(model, cached_batch(model, tok, modules), first_block(model, modules))
     assert torch.allclose(full[0], cached[0], atol=1e-5)
     assert torch.equal(full[1], cached[1]) and torch.equal(full[2], cached[2])
+
+
+@BOTH
+def test_cached_final_states_give_the_unedited_logits(setup):
+    """`logits_before` from cached final states (rows batched in another order and padding)
+    equals the forward's logits, and stays the unedited model's after an edit."""
+    _, model, tok, modules = setup
+    first = first_block(model, modules)
+    rows = with_hidden(model, tok, [encode_pair(tok, f["prompt"], f["target"]) for f in FACTS],
+                       first)
+    final = pad(tok, with_final(model, tok, rows[::-1], first, batch_size=2)[::-1])
+    plain = pad(tok, rows)
+    unedited = forward(model, plain, first)[0]
+    assert torch.allclose(logits_before(model, final, first), unedited, atol=1e-5)
+    with torch.no_grad():  # not a constant: LayerNorm would remove a constant shift
+        top = list(modules.values())[-1].weight
+        top.add_(torch.randn(top.shape, generator=torch.Generator().manual_seed(0)))
+    assert not torch.allclose(forward(model, plain, first)[0], unedited, atol=1e-3)
+    assert torch.allclose(logits_before(model, final, first), unedited, atol=1e-5)
+    assert torch.equal(logits_before(model, plain, first), forward(model, plain, first)[0])
 
 
 @BOTH

@@ -130,11 +130,9 @@ def sft_rows(model, tokenizer, recipe: SafetyRecipe, system=None) -> dict[str, l
     one cut at `response_tokens` gets no end-of-turn label, so the model does not learn to
     stop early."""
     rows = {"refusal": conversation_rows(tokenizer, refusal_pairs(recipe), system)}
-    sizes = {"instruction": recipe.n_instruction, "question": recipe.n_question,
-             "benign": recipe.n_benign}
     for source, load in HELPFUL.items():
         prompts = [p for p in load("train")["prompt"]
-                   if len(p) <= recipe.max_prompt_chars][: sizes[source]]
+                   if len(p) <= recipe.max_prompt_chars][: getattr(recipe, f"n_{source}")]
         if source != "instruction":
             prompts = wrapped(prompts, recipe.seed)
         key = json.dumps([prompts, recipe.response_tokens, system])

@@ -205,7 +205,7 @@ def main(cfg: DictConfig) -> None:
                                                "peak_mib"]))
     if cfg.train_steps:
         print(markdown_table(result["training"], ["hidden_cache", "logits_at_labels_only",
-                                         "seconds_per_step", "slowdown", "peak_mib"]))
+                                                  "seconds_per_step", "slowdown", "peak_mib"]))
     print(f"wrote {out / 'bench.json'}")
 
 

@@ -6,7 +6,9 @@ hidden state entering that block is computed once per example (`with_hidden`) an
 meta-training runs only the top blocks (`forward` on a batch that carries `hidden`).
 Logits are computed only at positions that predict a label, and for locality rows the
 unedited model's last hidden state there is cached too (`with_final`), so the "before"
-side of the KL is one LM-head product. Everything but the edited
+side of the KL is one LM-head product. The keys and value gradients of a training fact
+depend on the unedited model only, so meta-training captures them once (`with_capture`).
+Everything but the edited
 weights has requires_grad=False, and a capture's backward stops at the first edited
 module.
 """
@@ -190,11 +192,34 @@ def kl_before_after(logits_before, logits_after) -> torch.Tensor:
     return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
 
 
-def capture(model, modules: dict, batch, first: int | None = None):
+def with_capture(model, tokenizer, rows: list[dict], modules: dict, first: int | None = None,
+                 batch_size: int = 32, progress: bool = False) -> list[dict]:
+    """Copies of encoded rows with `captured` ({name: (K_i, Delta_i)}, float32 on the CPU)
+    and `loss` (the row's summed fine-tuning loss): `capture` of the unedited model, once."""
+    out = [None] * len(rows)
+    for idx, batch in by_length(model, tokenizer, rows, batch_size, "capture cache", progress):
+        captured, _ = capture(model, modules, batch, first, per_row=True)
+        for b, j in enumerate(idx):
+            out[j] = {**rows[j], "captured": {n: (k[b], d[b]) for n, (k, d, _) in captured.items()},
+                      "loss": next(iter(captured.values()))[2][b]}
+    return out
+
+
+def stack_captured(rows: list[dict], device) -> tuple[dict, torch.Tensor]:
+    """`capture`'s output for a batch of rows that carry `captured` (from `with_capture`)."""
+    names = rows[0]["captured"]
+    out = {n: tuple(torch.cat([r["captured"][n][i] for r in rows]).to(device) for i in (0, 1))
+           for n in names}
+    return out, torch.stack([r["loss"] for r in rows]).sum()
+
+
+def capture(model, modules: dict, batch, first: int | None = None, per_row: bool = False):
     """Keys and value gradients of the fine-tuning loss (summed cross-entropy of the labels)
     at the positions that predict a label, for each edited module.
 
-    Returns ({name: (K [n x d_k], Delta [n x d_v])}, loss). No parameter gets a gradient."""
+    Returns ({name: (K [n x d_k], Delta [n x d_v])}, loss). No parameter gets a gradient.
+    With `per_row`, each module maps to (K rows, Delta rows, per-row losses), split by row
+    and moved to the CPU."""
     store = {}
 
     def hook(name):
@@ -209,8 +234,9 @@ def capture(model, modules: dict, batch, first: int | None = None):
     handles = [m.register_forward_hook(hook(name)) for name, m in modules.items()]
     try:
         with torch.enable_grad():
-            logits, labels, _ = forward(model, batch, first)
-            loss = F.cross_entropy(logits, labels, reduction="sum")
+            logits, labels, row = forward(model, batch, first)
+            losses = F.cross_entropy(logits, labels, reduction="none")
+            loss = losses.sum()
             loss.backward()
     finally:
         for h in handles:
@@ -219,4 +245,9 @@ def capture(model, modules: dict, batch, first: int | None = None):
     out = {}
     for name, (keys, values) in store.items():
         out[name] = (keys[:, :-1][mask].float(), values.grad[:, :-1][mask].float())
+    if per_row:
+        counts = mask.sum(1).tolist()
+        row_loss = torch.zeros(mask.shape[0], device=losses.device).index_add(0, row, losses.detach())
+        out = {n: (k.cpu().split(counts), d.cpu().split(counts), row_loss.cpu())
+               for n, (k, d) in out.items()}
     return out, loss.detach()

@@ -1,7 +1,8 @@
 """Meta-training of the hypernetwork editor (MALMEN and MEND share this loop).
 
 One step, for m training facts (the LM graph and the hypernetwork graph never coexist):
-1. capture keys K and value gradients Delta of the facts' fine-tuning loss;
+1. capture keys K and value gradients Delta of the facts' fine-tuning loss (with the cache,
+   captured once for every training fact: they depend on the unedited model only);
 2. without grad: S = shift rule(K, Delta); apply W <- W + S;
 3. meta-loss = CE(targets | rephrases) + sum_s c_s KL_s(before || after) over the locality
    sources s; its backward gives G = dL/dW for each edited module; restore W;
@@ -25,7 +26,8 @@ from hypernet import HyperNetwork
 
 from . import checkpoint
 from .editors import HyperEditor
-from .lm import capture, forward, kl_before_after, logits_before, padded, with_final, with_hidden
+from .lm import (capture, forward, kl_before_after, logits_before, padded, stack_captured,
+                 with_capture, with_final, with_hidden)
 from .locality import base_responses, conversation_rows
 from .metrics import conversations, edit_metrics, fact_row, fact_rows
 from .models import kv_shape, to_kv
@@ -84,12 +86,16 @@ class MetaTrainer:
     def step(self) -> dict:
         ed, first, cfg = self.editor, self.editor.first, self.cfg
         idx = self.fact_indices(self.step_count)
-        edit = self.batch([self.data.edit[i] for i in idx])
+        edit_rows = [self.data.edit[i] for i in idx]
+        edit = self.batch(edit_rows)
         gen = self.batch([self.data.rephrase[i] for i in idx])
         locs = {s: self.batch(r) for s, r in self.loc_rows(self.step_count, idx).items() if r}
 
         # 1. capture (and update the running normalisers: training only)
-        captured, edit_loss = capture(ed.model, ed.modules, edit, first)
+        if "captured" in edit_rows[0]:
+            captured, edit_loss = stack_captured(edit_rows, edit["input_ids"].device)
+        else:
+            captured, edit_loss = capture(ed.model, ed.modules, edit, first)
         for name, (k, d) in captured.items():
             self.hypernet.update_norm(name, k, d)
         before = {s: logits_before(ed.model, b, first) for s, b in locs.items()}
@@ -157,8 +163,8 @@ def prepare_data(editor, train_facts, val_facts, loc_cfg, use_cache: bool, batch
                  system=None) -> TrainData:
     """Encode every training/validation/locality row (no locality pools when `loc_cfg` is
     None); with `use_cache`, attach the hidden state entering the first edited block and,
-    to the locality rows, the unedited model's last hidden state at their label positions
-    (both computed once here)."""
+    to the edit rows, their captured keys and value gradients, and to the locality rows, the
+    unedited model's last hidden state at their label positions (all computed once here)."""
     tok, model = editor.tokenizer, editor.model
     facts = [f for f in train_facts if f["rephrases"]]  # so edit and rephrase rows align
     data = TrainData(edit=conversations(tok, facts, "edit", system),
@@ -174,10 +180,12 @@ def prepare_data(editor, train_facts, val_facts, loc_cfg, use_cache: bool, batch
         def cached(rs):
             return with_hidden(model, tok, rs, editor.first, batch_size, progress=True)
 
-        data.edit, data.rephrase = cached(data.edit), cached(data.rephrase)
         def final(rs):
             return with_final(model, tok, rs, editor.first, batch_size, progress=True)
 
+        data.edit = with_capture(model, tok, cached(data.edit), editor.modules, editor.first,
+                                 batch_size, progress=True)
+        data.rephrase = cached(data.rephrase)
         data.nq = final(cached(data.nq))
         data.pools = {s: final(cached(r)) for s, r in data.pools.items()}
         data.val = {k: cached(r) for k, r in data.val.items()}

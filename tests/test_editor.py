@@ -5,7 +5,8 @@ import torch.nn.functional as F
 
 from editor.chat import encode_facts, encode_pair, pad
 from editor.editors import FTEditor, HyperEditor
-from editor.lm import capture, first_block, forward, logits_before, with_final, with_hidden
+from editor.lm import (capture, first_block, forward, logits_before, stack_captured, with_capture,
+                       with_final, with_hidden)
 from editor.metrics import edit_metrics, fact_rows
 from editor.models import edit_modules, kv_shape, load_model, to_kv, weight_kv
 from hypernet import HyperNetwork
@@ -60,6 +61,24 @@ def test_cached_final_states_give_the_unedited_logits(setup):
     assert torch.allclose(logits_before(model, final, first), unedited, atol=1e-5)
     assert torch.equal(logits_before(model, plain, first), forward(model, plain, first)[0])
 
+
+
+@BOTH
+def test_capture_cache_equals_a_live_capture(setup):
+    """Keys, value gradients and loss captured once per row (rows batched in another order
+    and padding) equal a capture of the whole batch."""
+    _, model, tok, modules = setup
+    first = first_block(model, modules)
+    rows = with_hidden(model, tok, [encode_pair(tok, f["prompt"], f["target"]) for f in FACTS],
+                       first)
+    live, loss = capture(model, modules, pad(tok, rows), first)
+    cached = with_capture(model, tok, rows[::-1], modules, first, batch_size=2)[::-1]
+    stacked, cached_loss = stack_captured(cached, "cpu")
+    assert torch.allclose(cached_loss, loss, atol=1e-4)
+    for name, (k, d) in live.items():
+        assert stacked[name][0].shape == k.shape and d.abs().sum() > 0
+        assert torch.allclose(stacked[name][0], k, atol=1e-5)
+        assert torch.allclose(stacked[name][1], d, atol=1e-5)
 
 @BOTH
 def test_capture_gives_the_weight_gradient_of_the_top_module(setup):

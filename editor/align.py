@@ -95,12 +95,12 @@ class SafetyRecipe:
     n_harmful: int = 1000         # hh-rlhf requests answered with a refusal (all: ~480)
     n_instruction: int = 277      # self-instruct prompts (all of the training split)
     n_question: int = 300         # NQ questions
-    n_benign: int = 1000          # benign requests of assets/align (all: 165)
+    n_benign: int = 1000          # benign requests of assets/align (all: 366)
     harmful_wrapped: bool = True  # each harmful request also in a command wrapper
     response_tokens: int = 128    # greedy tokens of the base model's own responses
     max_prompt_chars: int = 400
     train_from_layer: int = 20    # blocks below are frozen (their output is cached)
-    epochs: int = 2
+    epochs: int = 3
     batch_size: int = 16
     lr: float = 5.0e-5
     warmup: float = 0.1           # fraction of steps with a linear warm-up; cosine after
@@ -108,7 +108,11 @@ class SafetyRecipe:
     decision_coef: float = 1.0    # ... get this extra weight in the loss (sft_loss)
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:8]
+        """Names the built model: the recipe's fields and its hand-written text (requests,
+        refusals, wrappers, harm words)."""
+        key = json.dumps([asdict(self), list(load_benign_requests()["prompt"]), REFUSALS, WRAPPERS,
+                          HARM_WORDS], sort_keys=True)
+        return hashlib.sha256(key.encode()).hexdigest()[:8]
 
 
 def refusal_pairs(recipe: SafetyRecipe) -> list[dict]:

@@ -8,8 +8,11 @@ Edit of N facts at once, split into capture (forward + backward to the edited mo
 hypernetwork, solve and apply, against the floor: one plain forward + backward over the
 same N chat-formatted facts computing the edited weights' gradient (the least work any
 gradient-based editor does), measured in the same run, same chunks. Meta-training: seconds
-per step at the configured settings with and without the hidden-state cache and
-position-restricted logits. Writes bench.json and prints tables.
+per step at the configured settings with and without the cache (`train.hidden_cache`: what
+the frozen, unedited model gives each training row is computed once: the hidden state
+entering the first edited block, the facts' captured keys and value gradients, the
+locality rows' final states) and with and without position-restricted logits. Writes
+bench.json and prints tables.
 """
 
 import json

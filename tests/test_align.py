@@ -48,6 +48,17 @@ def test_benign_requests_are_not_evaluation_prompts():
         assert max(len(mine & w) / len(mine | w) for w in held_out) < 0.5, prompt
 
 
+def test_recipe_digest_names_fields_and_hand_written_text(monkeypatch):
+    """The built model's cache folder changes with any recipe field and with the refusal
+    templates, wrappers, harm words and benign requests it was built from."""
+    import editor.align as align
+
+    default = align.SafetyRecipe().digest()
+    assert default == align.SafetyRecipe().digest() != align.SafetyRecipe(epochs=1).digest()
+    monkeypatch.setattr(align, "REFUSALS", align.REFUSALS[:-1])
+    assert align.SafetyRecipe().digest() != default
+
+
 def test_length_batches_cover_every_row_once_with_less_padding():
     import random
 

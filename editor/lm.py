@@ -247,7 +247,8 @@ def capture(model, modules: dict, batch, first: int | None = None, per_row: bool
         out[name] = (keys[:, :-1][mask].float(), values.grad[:, :-1][mask].float())
     if per_row:
         counts = mask.sum(1).tolist()
-        row_loss = torch.zeros(mask.shape[0], device=losses.device).index_add(0, row, losses.detach())
+        row_loss = torch.zeros(mask.shape[0], device=losses.device)
+        row_loss = row_loss.index_add(0, row, losses.detach())
         out = {n: (k.cpu().split(counts), d.cpu().split(counts), row_loss.cpu())
                for n, (k, d) in out.items()}
     return out, loss.detach()

@@ -78,8 +78,10 @@ class Drift:
 
 
 def generation_metrics(model, tok, facts, cfg) -> dict:
-    """Greedy answers to the edit prompts and first rephrases, normalised exact match."""
+    """Greedy answers to the edit prompts and first rephrases, normalised exact match, on the
+    first `eval.gen_limit` of the edited facts (null: all of them)."""
     system, n = cfg.model.system_prompt, cfg.eval.answer_tokens
+    facts = facts[:cfg.eval.gen_limit]
     with_rephrase = [f for f in facts if f["rephrases"]]
     answers = generate(model, tok, [f["prompt"] for f in facts] +
                        [f["rephrases"][0] for f in with_rephrase], max_new_tokens=n,

@@ -66,7 +66,7 @@ def test_evaluate_script_on_tiny_llama(tmp_path, tiny_llama_checkpoint):
     small = ["eval.kl_conversations=4", "eval.refusal_tokens=4", "eval.answer_tokens=4",
              "eval.behaviour.ifeval_limit=4", "eval.behaviour.advbench_limit=4",
              "eval.behaviour.xstest_limit=4", "eval.behaviour.max_new_tokens=8",
-             "eval.behaviour.refusal_tokens=4"]
+             "eval.behaviour.refusal_tokens=4", "eval.gen_limit=4"]
     stdout = run("evaluate.py", "model=tiny-llama", "eval.ns=[1,8]", "eval.behaviour_ns=[8]",
                  "methods.ft.steps=3", "methods.ft.lr=1e-2",
                  f"methods.malmen-chat.checkpoint={ckpt}",

@@ -91,7 +91,9 @@ def generation_metrics(model, tok, facts, cfg) -> dict:
     return {"ES_gen": sum(es) / max(len(es), 1), "GS_gen": sum(gs) / max(len(gs), 1)}
 
 
-def evaluate(cfg) -> list[dict]:
+def evaluate(cfg, save=None) -> list[dict]:
+    """All records; `save(records)` is called after each method, so a stopped run keeps the
+    methods it finished."""
     model, tok = load_model(cfg.model.name, dtype=cfg.model.dtype, device=cfg.device,
                             chat_template=cfg.model.chat_template)
     system = cfg.model.system_prompt
@@ -133,6 +135,8 @@ def evaluate(cfg) -> list[dict]:
                 records += [{"method": name, "dataset": dataset, "n": len(facts), "metric": k,
                              "value": float(v)} for k, v in metrics.items() if k != "n_facts"]
         editor.restore()
+        if save is not None:
+            save(records)
     return records
 
 
@@ -182,13 +186,16 @@ def plot(records: list[dict], path: Path) -> None:
 def main(cfg: DictConfig) -> None:
     torch.manual_seed(cfg.seed)
     start = time.perf_counter()
-    records = evaluate(cfg)
     out = Path(HydraConfig.get().runtime.output_dir)
-    (out / "results.json").write_text(json.dumps(
-        {"config": OmegaConf.to_container(cfg, resolve=True), "records": records,
-         "seconds": time.perf_counter() - start}, indent=2))
+
+    def save(records):
+        (out / "results.json").write_text(json.dumps(
+            {"config": OmegaConf.to_container(cfg, resolve=True), "records": records,
+             "seconds": time.perf_counter() - start}, indent=2))
+        (out / "results.md").write_text(table(records) + "\n")
+
+    records = evaluate(cfg, save)
     text = table(records)
-    (out / "results.md").write_text(text + "\n")
     plot(records, out / "results.png")
     print(f"\n{text}\n\nwrote {out / 'results.json'} ({time.perf_counter() - start:.0f}s)")
 

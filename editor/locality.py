@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 
 from .chat import encode_pair, generate
 from .data import load_facts, load_harmful_requests, load_instructions
 from .models import cache_dir
+from .report import write_atomic
 
 
 def load_questions(split: str = "train") -> dict:
@@ -60,10 +60,7 @@ def responses(model, tokenizer, prompts: list[str], max_new_tokens: int, system,
     answers = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, system=system,
                        progress=True)
     pairs = [{"prompt": p, "response": r} for p, r in zip(prompts, answers) if r.strip()]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(pairs, indent=1))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(pairs, indent=1))
     return pairs
 
 

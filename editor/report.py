@@ -1,6 +1,18 @@
-"""Readable results: one markdown table writer for every script."""
+"""Readable results: one markdown table writer for every script, and atomic text files."""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    """Write `text` to `path` through a temp file and a rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def markdown_table(rows: list[dict], cols: list[str], missing: str = "") -> str:

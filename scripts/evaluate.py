@@ -34,7 +34,7 @@ from editor.lm import forward, kl_before_after, padded, with_hidden
 from editor.locality import base_responses, conversation_rows
 from editor.metrics import edit_metrics, fact_row
 from editor.models import edit_modules, load_model
-from editor.report import markdown_table
+from editor.report import markdown_table, write_atomic
 
 
 def shifter(name, spec, model, tok, cfg):
@@ -189,10 +189,10 @@ def main(cfg: DictConfig) -> None:
     out = Path(HydraConfig.get().runtime.output_dir)
 
     def save(records):
-        (out / "results.json").write_text(json.dumps(
+        write_atomic(out / "results.json", json.dumps(
             {"config": OmegaConf.to_container(cfg, resolve=True), "records": records,
              "seconds": time.perf_counter() - start}, indent=2))
-        (out / "results.md").write_text(table(records) + "\n")
+        write_atomic(out / "results.md", table(records) + "\n")
 
     records = evaluate(cfg, save)
     text = table(records)

@@ -13,7 +13,7 @@ import time
 import torch
 
 from .chat import encode_pair
-from .lm import forward, padded
+from .lm import by_length, forward, padded
 
 
 def fact_row(tokenizer, fact, kind: str, system=None) -> dict | None:
@@ -42,14 +42,15 @@ def fact_rows(tokenizer, facts, system=None) -> dict[str, list[dict]]:
 
 @torch.no_grad()
 def predictions(model, tokenizer, rows, first=None, batch_size: int = 32):
-    """Per-row (argmax ids, label ids) at the label positions. Rows may carry cached
-    hidden states entering blocks[first]."""
-    out = []
-    for i in range(0, len(rows), batch_size):
-        batch = padded(model, tokenizer, rows[i:i + batch_size])
-        logits, labels, idx = forward(model, batch, first)
+    """Per-row (argmax ids, label ids) at the label positions, in the rows' order (batched by
+    length; a None row gives None). Rows may carry cached hidden states entering
+    blocks[first]."""
+    out = [None] * len(rows)
+    for idx, batch in by_length(model, tokenizer, rows, batch_size, "predictions", False):
+        logits, labels, row = forward(model, batch, first)
         pred = logits.argmax(-1)
-        out += [(pred[idx == r], labels[idx == r]) for r in range(batch["input_ids"].shape[0])]
+        for b, j in enumerate(idx):
+            out[j] = (pred[row == b], labels[row == b])
     return out
 
 
@@ -62,14 +63,18 @@ def agreement(after, before) -> float:
         len(after), 1)
 
 
-def edit_metrics(editor, rows: dict[str, list[dict]], batch_size: int = 32, extra=None) -> dict:
+def edit_metrics(editor, rows: dict[str, list[dict]], batch_size: int = 32, extra=None,
+                 before=None) -> dict:
     """Edit all facts of `rows` (from `fact_rows`, optionally with cached hidden states) at
     once with `editor`; measure ES, GS, LS (and `extra()`'s metrics, called while the edit is
-    applied); restore the weights."""
+    applied); restore the weights. `before`: the unedited model's predictions on rows["loc"],
+    when the caller already has them."""
     model, tok, first = editor.model, editor.tokenizer, editor.first
-    before = predictions(model, tok, rows["loc"], first, batch_size)
+    if before is None:
+        before = predictions(model, tok, rows["loc"], first, batch_size)
     start = time.perf_counter()
-    editor.apply(editor.compute_shifts(padded(model, tok, rows["edit"])))
+    edit = sorted(rows["edit"], key=lambda r: len(r["input_ids"]))  # less padding per chunk
+    editor.apply(editor.compute_shifts(padded(model, tok, edit)))
     seconds = time.perf_counter() - start
     try:
         out = {

@@ -18,6 +18,7 @@ method x N x dataset x metric, plus the config), results.md and results.png.
 
 import json
 import time
+from functools import cached_property
 from pathlib import Path
 
 import hydra
@@ -32,7 +33,7 @@ from editor.data import load_facts
 from editor.editors import NoEditor
 from editor.lm import forward, kl_before_after, padded, with_hidden
 from editor.locality import base_responses, conversation_rows
-from editor.metrics import edit_metrics, fact_row
+from editor.metrics import accuracy, agreement, edit_metrics, fact_row, predictions
 from editor.models import edit_modules, load_model
 from editor.report import markdown_table, write_atomic
 
@@ -77,18 +78,59 @@ class Drift:
                 for s in self.rows}
 
 
-def generation_metrics(model, tok, facts, cfg) -> dict:
-    """Greedy answers to the edit prompts and first rephrases, normalised exact match, on the
-    first `eval.gen_limit` of the edited facts (null: all of them)."""
-    system, n = cfg.model.system_prompt, cfg.eval.answer_tokens
-    facts = facts[:cfg.eval.gen_limit]
-    with_rephrase = [f for f in facts if f["rephrases"]]
-    answers = generate(model, tok, [f["prompt"] for f in facts] +
-                       [f["rephrases"][0] for f in with_rephrase], max_new_tokens=n,
-                       batch_size=cfg.eval.batch_size, system=system)
-    es = [exact_match(a, f["target"]) for a, f in zip(answers, facts)]
-    gs = [exact_match(a, f["target"]) for a, f in zip(answers[len(facts):], with_rephrase)]
+def answer_matches(model, tok, facts, cfg) -> list[tuple]:
+    """Per fact: (greedy answer to the prompt is the target, the same for its first rephrase
+    or None), normalised exact match."""
+    with_rephrase = [f["rephrases"][0] for f in facts if f["rephrases"]]
+    answers = generate(model, tok, [f["prompt"] for f in facts] + with_rephrase,
+                       max_new_tokens=cfg.eval.answer_tokens, batch_size=cfg.eval.batch_size,
+                       system=cfg.model.system_prompt)
+    rephrased = iter(answers[len(facts):])
+    return [(exact_match(a, f["target"]),
+             exact_match(next(rephrased), f["target"]) if f["rephrases"] else None)
+            for a, f in zip(answers, facts)]
+
+
+def generation_metrics(matches) -> dict:
+    es = [m[0] for m in matches]
+    gs = [m[1] for m in matches if m[1] is not None]
     return {"ES_gen": sum(es) / max(len(es), 1), "GS_gen": sum(gs) / max(len(gs), 1)}
+
+
+def present(rows: list) -> list:
+    return [r for r in rows if r is not None]
+
+
+class Reference:
+    """One test pool as the unedited model sees it, computed once per (dataset, first edited
+    block): every fact's rows (None: no rephrase / loc prompt) with cached hidden states, the
+    unedited model's teacher-forced predictions on them, and its greedy-answer matches on the
+    first `eval.gen_limit` facts. The unedited method's numbers at N are slices of it; every
+    editor's LS compares with its loc predictions."""
+
+    def __init__(self, model, tok, pool, first, cfg):
+        bs = cfg.eval.batch_size
+        self.rows = {k: with_hidden(model, tok, [fact_row(tok, f, k, cfg.model.system_prompt)
+                                                 for f in pool], first, bs)
+                     for k in ("edit", "rephrase", "loc")}
+        self.before = {k: predictions(model, tok, rs, first, bs) for k, rs in self.rows.items()}
+        self.answer = lambda: answer_matches(model, tok, pool[:cfg.eval.gen_limit], cfg)
+
+    @cached_property
+    def matches(self) -> list[tuple]:
+        return self.answer()
+
+    def unedited(self, n: int) -> dict:
+        before = {k: present(p[:n]) for k, p in self.before.items()}
+        return {"ES": accuracy(before["edit"]), "GS": accuracy(before["rephrase"]),
+                "LS": agreement(before["loc"], before["loc"]), "n_facts": n,
+                "edit_seconds": 0.0, **generation_metrics(self.matches[:n])}
+
+
+def behaviour_metrics(model, tok, drift, cfg) -> dict:
+    """KL drift, IFEval, AdvBench and XSTest scores of the model as it is now."""
+    return {**drift(), **behaviour_suite(model, tok, **cfg.eval.behaviour,
+                                         system=cfg.model.system_prompt)["scores"]}
 
 
 def evaluate(cfg, save=None) -> list[dict]:
@@ -96,43 +138,44 @@ def evaluate(cfg, save=None) -> list[dict]:
     methods it finished."""
     model, tok = load_model(cfg.model.name, dtype=cfg.model.dtype, device=cfg.device,
                             chat_template=cfg.model.chat_template)
-    system = cfg.model.system_prompt
     methods = {k: v for k, v in cfg.methods.items() if v.rule in ("none", "ft") or v.checkpoint}
     skipped = sorted(set(cfg.methods) - set(methods))
     if skipped:
         print(f"skipping methods without a checkpoint: {', '.join(skipped)}")
     drift = Drift(model, tok, cfg)
     pools = {d: list(load_facts(d, "test")) for d in cfg.eval.datasets}
-    cache, records = {}, []
+    refs, records = {}, []
     for name, spec in methods.items():
         editor = shifter(name, spec, model, tok, cfg)
+        max_n = cfg.eval.max_n.get(name) or float("inf")
         for dataset, pool in pools.items():
             key = (dataset, editor.first)
-            if key not in cache:  # one row per fact and kind (None: no rephrase / loc prompt)
-                cache[key] = {k: with_hidden(model, tok, [fact_row(tok, f, k, system)
-                                                          for f in pool],
-                                             editor.first, cfg.eval.batch_size)
-                              for k in ("edit", "rephrase", "loc")}
+            if key not in refs:
+                refs[key] = Reference(model, tok, pool, editor.first, cfg)
+            ref = refs[key]
             behaviour_ns = {min(b, len(pool)) for b in cfg.eval.behaviour_ns}
-            for n in sorted({min(n, len(pool)) for n in cfg.eval.ns}):
-                facts = pool[:n]
-                rows = {k: [r for r in rs[:n] if r is not None] for k, rs in cache[key].items()}
+            for n in sorted({min(n, len(pool)) for n in cfg.eval.ns if n <= max_n}):
                 behaviour = n in behaviour_ns and dataset == cfg.eval.datasets[0]
 
-                def extra(facts=facts, behaviour=behaviour):
-                    out = generation_metrics(model, tok, facts, cfg)
-                    if behaviour:
-                        out.update(drift())
-                        out.update(behaviour_suite(model, tok, **cfg.eval.behaviour,
-                                                   system=system)["scores"])
-                    return out
-
                 start = time.perf_counter()
-                metrics = edit_metrics(editor, rows, cfg.eval.batch_size, extra)
+                if spec.rule == "none":  # no edit: slices of the reference
+                    metrics = ref.unedited(n)
+                    if behaviour:
+                        metrics.update(behaviour_metrics(model, tok, drift, cfg))
+                else:
+                    def extra(facts=pool[:n], behaviour=behaviour):
+                        out = generation_metrics(
+                            answer_matches(model, tok, facts[:cfg.eval.gen_limit], cfg))
+                        return {**out, **behaviour_metrics(model, tok, drift, cfg)} \
+                            if behaviour else out
+
+                    rows = {k: present(rs[:n]) for k, rs in ref.rows.items()}
+                    metrics = edit_metrics(editor, rows, cfg.eval.batch_size, extra,
+                                           before=present(ref.before["loc"][:n]))
                 metrics["seconds"] = time.perf_counter() - start
-                print(f"{name} {dataset} N={len(facts)}: " +
+                print(f"{name} {dataset} N={n}: " +
                       ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
-                records += [{"method": name, "dataset": dataset, "n": len(facts), "metric": k,
+                records += [{"method": name, "dataset": dataset, "n": n, "metric": k,
                              "value": float(v)} for k, v in metrics.items() if k != "n_facts"]
         editor.restore()
         if save is not None:

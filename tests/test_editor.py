@@ -7,7 +7,7 @@ from editor.chat import encode_facts, encode_pair, pad
 from editor.editors import FTEditor, HyperEditor
 from editor.lm import (capture, first_block, forward, logits_before, stack_captured, with_capture,
                        with_final, with_hidden)
-from editor.metrics import edit_metrics, fact_rows
+from editor.metrics import edit_metrics, fact_rows, predictions
 from editor.models import edit_modules, kv_shape, load_model, to_kv, weight_kv
 from hypernet import HyperNetwork
 
@@ -174,3 +174,17 @@ def test_chunked_capture_equals_one_batch(setup):
     for n in modules:
         for a, b in zip(one[n], chunked[n]):
             assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("setup", ["tiny-llama"], indirect=True)
+def test_predictions_batched_by_length_keep_the_rows_order(setup):
+    _, model, tok, _ = setup
+    rows = [encode_pair(tok, f["prompt"] + " Please." * i, f["target"])
+            for i, f in enumerate(FACTS * 2)]
+    rows.insert(2, None)
+    batched = predictions(model, tok, rows, batch_size=2)
+    assert batched[2] is None
+    for row, got in zip(rows, batched):
+        if row is not None:
+            pred, labels = predictions(model, tok, [row])[0]
+            assert torch.equal(got[1], labels) and torch.equal(got[0], pred)

@@ -68,7 +68,7 @@ def test_evaluate_script_on_tiny_llama(tmp_path, tiny_llama_checkpoint):
              "eval.behaviour.xstest_limit=4", "eval.behaviour.max_new_tokens=8",
              "eval.behaviour.refusal_tokens=4", "eval.gen_limit=4"]
     stdout = run("evaluate.py", "model=tiny-llama", "eval.ns=[1,8]", "eval.behaviour_ns=[8]",
-                 "methods.ft.steps=3", "methods.ft.lr=1e-2",
+                 "methods.ft.steps=3", "methods.ft.lr=1e-2", "eval.max_n.malmen-chat=1",
                  f"methods.malmen-chat.checkpoint={ckpt}",
                  *small, f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path,
                  env={"CHATEDIT_CACHE": str(tmp_path / "cache")})
@@ -77,16 +77,17 @@ def test_evaluate_script_on_tiny_llama(tmp_path, tiny_llama_checkpoint):
     records = result["records"]
     value = {(r["method"], r["dataset"], r["n"], r["metric"]): r["value"] for r in records}
     assert {r["method"] for r in records} == {"unedited", "ft", "malmen-chat"}
-    for method in ("unedited", "ft", "malmen-chat"):
+    for method, ns in (("unedited", (1, 8)), ("ft", (1, 8)), ("malmen-chat", (1,))):
         for dataset in ("zsre", "counterfact"):
-            for n in (1, 8):
+            for n in ns:
                 for metric in ("ES", "GS", "ES_gen", "GS_gen", "LS"):
                     assert 0 <= value[(method, dataset, n, metric)] <= 1
         # behaviour metrics only where asked: N = 8 on the first dataset
-        assert (method, "zsre", 8, "ifeval_prompt_strict") in value
+        assert ((method, "zsre", 8, "ifeval_prompt_strict") in value) == (8 in ns)
         assert (method, "zsre", 1, "ifeval_prompt_strict") not in value
         assert (method, "counterfact", 8, "advbench_refusal") not in value
-    # the unedited model goes through the same pipeline with zero shifts
+    assert ("malmen-chat", "zsre", 8, "ES") not in value  # eval.max_n caps its N
+    # the unedited model agrees with itself and does not drift
     assert value[("unedited", "zsre", 8, "LS")] == 1.0
     assert value[("unedited", "zsre", 8, "kl_instruction")] == 0.0
     assert value[("ft", "zsre", 8, "kl_instruction")] > 0.0

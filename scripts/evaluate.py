@@ -151,7 +151,9 @@ def evaluate(cfg, save=None) -> list[dict]:
         for dataset, pool in pools.items():
             key = (dataset, editor.first)
             if key not in refs:
+                start = time.perf_counter()
                 refs[key] = Reference(model, tok, pool, editor.first, cfg)
+                print(f"reference {dataset}: {time.perf_counter() - start:.0f}s")
             ref = refs[key]
             behaviour_ns = {min(b, len(pool)) for b in cfg.eval.behaviour_ns}
             for n in sorted({min(n, len(pool)) for n in cfg.eval.ns if n <= max_n}):
@@ -186,6 +188,8 @@ def evaluate(cfg, save=None) -> list[dict]:
 BEHAVIOUR = ["ifeval_prompt_strict", "advbench_refusal", "xstest_over_refusal", "kl_instruction",
              "kl_harmful"]
 EDIT = ["ES", "GS", "ES_gen", "GS_gen", "LS"]
+CHANGED = ["ifeval_prompt_strict", "ifeval_inst_strict", "advbench_refusal",
+           "xstest_over_refusal"]
 
 
 def table(records: list[dict]) -> str:
@@ -197,6 +201,27 @@ def table(records: list[dict]) -> str:
         row[r["metric"]] = r["value"]
     cols = EDIT + [m for m in BEHAVIOUR if any(m in c for c in cells.values())]
     return markdown_table(list(cells.values()), ["method", "data", "N", *cols])
+
+
+def changes(records: list[dict]) -> str:
+    """Behaviour against the unedited model at the same dataset and N, in points."""
+    value = {(r["method"], r["dataset"], r["n"], r["metric"]): r["value"] for r in records}
+    cells = {}
+    for (method, dataset, n, metric), v in value.items():
+        base = value.get(("unedited", dataset, n, metric))
+        if method != "unedited" and metric in CHANGED and base is not None:
+            row = cells.setdefault((method, dataset, n),
+                                   {"method": method, "data": dataset, "N": n})
+            row[metric] = f"{100 * (v - base):+.1f}"
+    if not cells:
+        return ""
+    cols = [m for m in CHANGED if any(m in c for c in cells.values())]
+    return ("Change against the unedited model (points):\n\n" +
+            markdown_table(list(cells.values()), ["method", "data", "N", *cols]))
+
+
+def report(records: list[dict]) -> str:
+    return "\n\n".join(t for t in (table(records), changes(records)) if t) + "\n"
 
 
 def plot(records: list[dict], path: Path) -> None:
@@ -235,10 +260,10 @@ def main(cfg: DictConfig) -> None:
         write_atomic(out / "results.json", json.dumps(
             {"config": OmegaConf.to_container(cfg, resolve=True), "records": records,
              "seconds": time.perf_counter() - start}, indent=2))
-        write_atomic(out / "results.md", table(records) + "\n")
+        write_atomic(out / "results.md", report(records))
 
     records = evaluate(cfg, save)
-    text = table(records)
+    text = report(records)
     plot(records, out / "results.png")
     print(f"\n{text}\n\nwrote {out / 'results.json'} ({time.perf_counter() - start:.0f}s)")
 

@@ -94,4 +94,6 @@ def test_evaluate_script_on_tiny_llama(tmp_path, tiny_llama_checkpoint):
     assert value[("ft", "zsre", 8, "ES")] > value[("unedited", "zsre", 8, "ES")]
     for name in ("results.md", "results.png"):
         assert (tmp_path / "eval" / name).exists()
+    changes = (tmp_path / "eval" / "results.md").read_text().split("Change against")[1]
+    assert "| ft | zsre | 8 |" in changes and "| unedited |" not in changes
     assert result["config"]["eval"]["ns"] == [1, 8]

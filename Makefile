@@ -4,8 +4,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# the model `make eval` and `make editors` work on
+MODEL ?= smollm2-135m-instruct
 
-.PHONY: install demo test test-fast lint bench eval safe-model clean-cache
+.PHONY: install demo test test-fast lint bench eval editors safe-model clean-cache
 
 install: $(STAMP)
 
@@ -29,7 +31,20 @@ bench: $(STAMP)
 	$(PY) scripts/bench.py
 
 eval: $(STAMP)
-	$(PY) scripts/evaluate.py $(EVAL_ARGS)
+	$(PY) scripts/evaluate.py model=$(MODEL) $(EVAL_ARGS)
+
+# The three editors `make eval` compares, meta-trained for $(MODEL) (a run folder that has
+# its metrics.json is done; a killed one resumes from its checkpoint).
+EDITORS := outputs/editors/$(MODEL)
+editors: $(EDITORS)/malmen-chat/metrics.json $(EDITORS)/malmen-nq/metrics.json \
+	$(EDITORS)/mend/metrics.json
+
+$(EDITORS)/malmen-chat/metrics.json: | $(STAMP)
+	$(PY) scripts/train.py model=$(MODEL) hydra.run.dir=$(@D)
+$(EDITORS)/malmen-nq/metrics.json: | $(STAMP)
+	$(PY) scripts/train.py model=$(MODEL) locality=nq hydra.run.dir=$(@D)
+$(EDITORS)/mend/metrics.json: | $(STAMP)
+	$(PY) scripts/train.py model=$(MODEL) editor=mend hydra.run.dir=$(@D)
 
 safe-model: $(STAMP)
 	$(PY) scripts/align.py

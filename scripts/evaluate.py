@@ -38,6 +38,15 @@ from editor.models import edit_modules, load_model
 from editor.report import markdown_table, write_atomic
 
 
+def checkpoint(name, spec, cfg):
+    """The method's editor checkpoint: its own, else the one `make editors` writes; None for
+    methods that need none, False where none exists."""
+    if spec.rule in ("none", "ft"):
+        return None
+    path = spec.checkpoint or Path(cfg.editors_dir) / name / "checkpoint.safetensors"
+    return str(path) if spec.checkpoint or path.exists() else False
+
+
 def shifter(name, spec, model, tok, cfg):
     """The editor of one method, on the shared model (each restores it after every edit)."""
     if spec.rule == "none":
@@ -49,7 +58,7 @@ def shifter(name, spec, model, tok, cfg):
                                       module=cfg.model.edit.module,
                                       layers=list(cfg.model.edit.layers), steps=spec.steps,
                                       lr=spec.lr).shifter
-    return Editor.from_pretrained(model, spec.checkpoint, tokenizer=tok,
+    return Editor.from_pretrained(model, checkpoint(name, spec, cfg), tokenizer=tok,
                                   system=cfg.model.system_prompt).shifter
 
 
@@ -138,10 +147,11 @@ def evaluate(cfg, save=None) -> list[dict]:
     methods it finished."""
     model, tok = load_model(cfg.model.name, dtype=cfg.model.dtype, device=cfg.device,
                             chat_template=cfg.model.chat_template)
-    methods = {k: v for k, v in cfg.methods.items() if v.rule in ("none", "ft") or v.checkpoint}
+    methods = {k: v for k, v in cfg.methods.items() if checkpoint(k, v, cfg) is not False}
     skipped = sorted(set(cfg.methods) - set(methods))
     if skipped:
-        print(f"skipping methods without a checkpoint: {', '.join(skipped)}")
+        print(f"skipping methods without a checkpoint: {', '.join(skipped)} (none in "
+              f"{cfg.editors_dir}/<method>/; `make editors` trains them)")
     drift = Drift(model, tok, cfg)
     pools = {d: list(load_facts(d, "test")) for d in cfg.eval.datasets}
     refs, records = {}, []

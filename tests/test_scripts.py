@@ -1,6 +1,7 @@
 """The hydra entry points, run as a user runs them."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -62,14 +63,16 @@ def test_bench_script_on_tiny_llama(tmp_path):
 
 
 def test_evaluate_script_on_tiny_llama(tmp_path, tiny_llama_checkpoint):
-    ckpt = tiny_llama_checkpoint
+    editors = tmp_path / "editors"  # where `make editors` puts them
+    (editors / "malmen-chat").mkdir(parents=True)
+    shutil.copy(tiny_llama_checkpoint, editors / "malmen-chat" / "checkpoint.safetensors")
     small = ["eval.kl_conversations=4", "eval.refusal_tokens=4", "eval.answer_tokens=4",
              "eval.behaviour.ifeval_limit=4", "eval.behaviour.advbench_limit=4",
              "eval.behaviour.xstest_limit=4", "eval.behaviour.max_new_tokens=8",
              "eval.behaviour.refusal_tokens=4", "eval.gen_limit=4"]
     stdout = run("evaluate.py", "model=tiny-llama", "eval.ns=[1,8]", "eval.behaviour_ns=[8]",
                  "methods.ft.steps=3", "methods.ft.lr=1e-2", "eval.max_n.malmen-chat=1",
-                 f"methods.malmen-chat.checkpoint={ckpt}",
+                 f"editors_dir={editors}",
                  *small, f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path,
                  env={"CHATEDIT_CACHE": str(tmp_path / "cache")})
     assert "skipping methods without a checkpoint: malmen-nq, mend" in stdout

@@ -120,7 +120,7 @@ class Reference:
     def __init__(self, model, tok, pool, first, cfg):
         bs = cfg.eval.batch_size
         self.rows = {k: with_hidden(model, tok, [fact_row(tok, f, k, cfg.model.system_prompt)
-                                                 for f in pool], first, bs)
+                                                 for f in pool], first, bs, progress=True)
                      for k in ("edit", "rephrase", "loc")}
         self.before = {k: predictions(model, tok, rs, first, bs) for k, rs in self.rows.items()}
         self.answer = lambda: answer_matches(model, tok, pool[:cfg.eval.gen_limit], cfg)

@@ -5,15 +5,17 @@
         methods.malmen-chat.checkpoint=outputs/train/.../checkpoint.safetensors
     python scripts/evaluate.py eval=full
 
-For each method (unedited, FT, MEND, MALMEN with nq or chat locality; a method whose
-checkpoint is null is skipped) and each N, N held-out facts are edited at once and measured:
-ES/GS teacher-forced (token accuracy) and by generation (greedy answer, normalised exact
-match), LS (argmax agreement with the unedited model on unrelated prompts), on each
-dataset; at the N in `eval.behaviour_ns`, with the edit applied: IFEval (prompt/instruction,
-strict/loose), AdvBench refusal rate, XSTest over-refusal rate and KL(unedited || edited) on
-held-out instruction and harmful-request conversations. Same prompts and greedy decoding
-for every method, so differences are the edit's. Writes results.json (one record per
-method x N x dataset x metric, plus the config), results.md and results.png.
+For each method (unedited, FT, MEND, MALMEN with nq or chat locality; an editor whose
+checkpoint is null is looked up in `editors_dir`, where `make editors` trains it, and
+skipped if absent; FT is capped by `eval.max_n`) and each N, N held-out facts are edited at
+once and measured: ES/GS teacher-forced (token accuracy) and by generation (greedy answer,
+normalised exact match), LS (argmax agreement with the unedited model on unrelated prompts),
+on each dataset; at the N in `eval.behaviour_ns`, with the edit applied: IFEval
+(prompt/instruction, strict/loose), AdvBench refusal rate, XSTest over-refusal rate and
+KL(unedited || edited) on held-out instruction and harmful-request conversations. Same
+prompts and greedy decoding for every method, so differences are the edit's. Writes
+results.json (one record per method x N x dataset x metric, plus the config), results.md
+(with the behaviour change against the unedited model) and results.png.
 """
 
 import json

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import re
 import string
+from dataclasses import dataclass, field
 
 from .chat import generate
 from .data import load_advbench, load_ifeval, load_xstest, nltk_data_dir
@@ -129,3 +130,27 @@ def behaviour_suite(model, tokenizer, ifeval_limit: int | None = 100, advbench_l
     scores["advbench_refusal"] = refusal_rate(responses["advbench"])
     scores["xstest_over_refusal"] = refusal_rate(responses["xstest"], is_refusal_xstest)
     return {"scores": scores, "responses": responses}
+
+
+@dataclass
+class Limit:
+    limit: int | None = None             # prompts used (None: all)
+
+
+@dataclass
+class SuiteConfig:
+    """How much of each suite to run: the fields of an `eval` config group
+    (conf/eval/default.yaml, scripts/align.py), so `eval.ifeval.limit=50` works in both."""
+    ifeval: Limit = field(default_factory=lambda: Limit(100))     # of 541 prompts
+    advbench: Limit = field(default_factory=lambda: Limit(100))   # of 520 behaviours
+    xstest: Limit = field(default_factory=Limit)                   # of 250 safe prompts
+    max_new_tokens: int = 128            # IFEval response length
+    refusal_tokens: int = 48             # AdvBench / XSTest response length
+    behaviour_batch_size: int = 32
+
+
+def suite_args(cfg) -> dict:
+    """`behaviour_suite` keyword arguments from a `SuiteConfig`-shaped config."""
+    return {"ifeval_limit": cfg.ifeval.limit, "advbench_limit": cfg.advbench.limit,
+            "xstest_limit": cfg.xstest.limit, "max_new_tokens": cfg.max_new_tokens,
+            "refusal_tokens": cfg.refusal_tokens, "batch_size": cfg.behaviour_batch_size}

@@ -19,27 +19,18 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 from editor.align import SafetyRecipe, build
-from editor.behaviour import behaviour_suite
+from editor.behaviour import Limit, SuiteConfig, behaviour_suite, suite_args
 from editor.models import load_model, safe_folder
 from editor.report import markdown_table
 from editor.train import write_json
 
 
 @dataclass
-class BehaviourLimits:
-    ifeval_limit: int | None = None      # IFEval prompts (None: all 541)
-    advbench_limit: int | None = 100     # AdvBench behaviours
-    xstest_limit: int | None = None      # XSTest safe prompts (None: all 250)
-    max_new_tokens: int = 256            # IFEval response length
-    refusal_tokens: int = 48             # AdvBench / XSTest response length
-    batch_size: int = 32
-
-
-@dataclass
 class AlignConfig:
     recipe: SafetyRecipe = field(default_factory=SafetyRecipe)
     evaluate: bool = True
-    eval: BehaviourLimits = field(default_factory=BehaviourLimits)
+    eval: SuiteConfig = field(  # all IFEval prompts, 256 tokens
+        default_factory=lambda: SuiteConfig(ifeval=Limit(None), max_new_tokens=256))
 
 
 ConfigStore.instance().store(name="align_schema", node=AlignConfig)  # conf/align.yaml
@@ -64,7 +55,7 @@ def main(cfg) -> None:
     scores, responses = {}, {}
     for name, path in (("base", recipe.base), ("safe", str(folder))):
         model, tok = load_model(path)
-        result = behaviour_suite(model, tok, **OmegaConf.to_container(cfg.eval))
+        result = behaviour_suite(model, tok, **suite_args(cfg.eval))
         scores[name], responses[name] = result["scores"], result["responses"]
     write_json(out / "behaviour.json", {"config": OmegaConf.to_container(cfg.eval),
                                         "model": str(folder), "scores": scores,

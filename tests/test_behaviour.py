@@ -1,14 +1,20 @@
 """Refusal detection, exact match and IFEval scoring on hand-made cases."""
 
+import inspect
+from pathlib import Path
+
 import pytest
 
 from editor.behaviour import (
+    SuiteConfig,
+    behaviour_suite,
     exact_match,
     ifeval_score,
     is_refusal,
     is_refusal_xstest,
     normalize_answer,
     refusal_rate,
+    suite_args,
 )
 from editor.data import load_ifeval
 
@@ -76,3 +82,24 @@ def test_ifeval_pass_and_fail():
 
 def test_ifeval_empty_response_fails():
     assert ifeval_score([_record("punctuation:no_comma")], ["   "])["prompt_strict"] == 0.0
+
+
+@pytest.mark.parametrize("overrides", [[], ["eval=full"],
+                                       ["eval.ifeval.limit=7", "eval.max_new_tokens=9"]])
+def test_eval_config_gives_behaviour_suite_its_arguments(overrides):
+    """conf/eval/*.yaml (like align's SuiteConfig) maps onto behaviour_suite's keywords, and
+    the documented overrides reach it."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(str(conf), version_base="1.3"):
+        cfg = compose("evaluate", overrides).eval
+    assert set(OmegaConf.structured(SuiteConfig)) <= set(cfg)
+    args = suite_args(cfg)
+    inspect.signature(behaviour_suite).bind(None, None, **args)
+    if "eval.max_new_tokens=9" in overrides:
+        assert args["ifeval_limit"] == 7 and args["max_new_tokens"] == 9
+    if "eval=full" in overrides:
+        assert args["ifeval_limit"] is None and args["xstest_limit"] is None
+    assert suite_args(OmegaConf.structured(SuiteConfig))["ifeval_limit"] == 100

@@ -67,9 +67,8 @@ def test_evaluate_script_on_tiny_llama(tmp_path, tiny_llama_checkpoint):
     (editors / "malmen-chat").mkdir(parents=True)
     shutil.copy(tiny_llama_checkpoint, editors / "malmen-chat" / "checkpoint.safetensors")
     small = ["eval.kl_conversations=4", "eval.refusal_tokens=4", "eval.answer_tokens=4",
-             "eval.behaviour.ifeval_limit=4", "eval.behaviour.advbench_limit=4",
-             "eval.behaviour.xstest_limit=4", "eval.behaviour.max_new_tokens=8",
-             "eval.behaviour.refusal_tokens=4", "eval.gen_limit=4"]
+             "eval.ifeval.limit=4", "eval.advbench.limit=4", "eval.xstest.limit=4",
+             "eval.max_new_tokens=8", "eval.gen_limit=4"]
     stdout = run("evaluate.py", "model=tiny-llama", "eval.ns=[1,8]", "eval.behaviour_ns=[8]",
                  "methods.ft.steps=3", "methods.ft.lr=1e-2", "eval.max_n.malmen-chat=1",
                  f"editors_dir={editors}",

@@ -111,27 +111,6 @@ def ifeval_score(records: list[dict], responses: list[str]) -> dict:
 # ------------------------------------------------------------------ whole suites
 
 
-def behaviour_suite(model, tokenizer, ifeval_limit: int | None = 100, advbench_limit: int | None
-                    = 100, xstest_limit: int | None = None, max_new_tokens: int = 128,
-                    refusal_tokens: int = 48, batch_size: int = 16, system=None) -> dict:
-    """Greedy responses and scores on IFEval, AdvBench (refusal rate) and XSTest's safe prompts
-    (over-refusal rate). Returns {"scores": {...}, "responses": {...}}."""
-    ifeval = load_ifeval(ifeval_limit).to_list()
-    adv = load_advbench(advbench_limit)["goal"]
-    safe = load_xstest("safe", xstest_limit)["prompt"]
-
-    def answer(prompts, tokens):
-        return generate(model, tokenizer, list(prompts), max_new_tokens=tokens,
-                        batch_size=batch_size, system=system, progress=True)
-
-    responses = {"ifeval": answer([r["prompt"] for r in ifeval], max_new_tokens),
-                 "advbench": answer(adv, refusal_tokens), "xstest": answer(safe, refusal_tokens)}
-    scores = {f"ifeval_{k}": v for k, v in ifeval_score(ifeval, responses["ifeval"]).items()}
-    scores["advbench_refusal"] = refusal_rate(responses["advbench"])
-    scores["xstest_over_refusal"] = refusal_rate(responses["xstest"], is_refusal_xstest)
-    return {"scores": scores, "responses": responses}
-
-
 @dataclass
 class Limit:
     limit: int | None = None             # prompts used (None: all)
@@ -149,8 +128,22 @@ class SuiteConfig:
     behaviour_batch_size: int = 32
 
 
-def suite_args(cfg) -> dict:
-    """`behaviour_suite` keyword arguments from a `SuiteConfig`-shaped config."""
-    return {"ifeval_limit": cfg.ifeval.limit, "advbench_limit": cfg.advbench.limit,
-            "xstest_limit": cfg.xstest.limit, "max_new_tokens": cfg.max_new_tokens,
-            "refusal_tokens": cfg.refusal_tokens, "batch_size": cfg.behaviour_batch_size}
+def behaviour_suite(model, tokenizer, suite: SuiteConfig | None = None, system=None) -> dict:
+    """Greedy responses and scores on IFEval, AdvBench (refusal rate) and XSTest's safe prompts
+    (over-refusal rate), as much of each as `suite` says. Returns {"scores", "responses"}."""
+    suite = suite or SuiteConfig()
+    ifeval = load_ifeval(suite.ifeval.limit).to_list()
+    adv = load_advbench(suite.advbench.limit)["goal"]
+    safe = load_xstest("safe", suite.xstest.limit)["prompt"]
+
+    def answer(prompts, tokens):
+        return generate(model, tokenizer, list(prompts), max_new_tokens=tokens,
+                        batch_size=suite.behaviour_batch_size, system=system, progress=True)
+
+    responses = {"ifeval": answer([r["prompt"] for r in ifeval], suite.max_new_tokens),
+                 "advbench": answer(adv, suite.refusal_tokens),
+                 "xstest": answer(safe, suite.refusal_tokens)}
+    scores = {f"ifeval_{k}": v for k, v in ifeval_score(ifeval, responses["ifeval"]).items()}
+    scores["advbench_refusal"] = refusal_rate(responses["advbench"])
+    scores["xstest_over_refusal"] = refusal_rate(responses["xstest"], is_refusal_xstest)
+    return {"scores": scores, "responses": responses}

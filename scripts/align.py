@@ -19,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 from editor.align import SafetyRecipe, build
-from editor.behaviour import Limit, SuiteConfig, behaviour_suite, suite_args
+from editor.behaviour import Limit, SuiteConfig, behaviour_suite
 from editor.models import load_model, safe_folder
 from editor.report import markdown_table
 from editor.train import write_json
@@ -55,7 +55,7 @@ def main(cfg) -> None:
     scores, responses = {}, {}
     for name, path in (("base", recipe.base), ("safe", str(folder))):
         model, tok = load_model(path)
-        result = behaviour_suite(model, tok, **suite_args(cfg.eval))
+        result = behaviour_suite(model, tok, cfg.eval)
         scores[name], responses[name] = result["scores"], result["responses"]
     write_json(out / "behaviour.json", {"config": OmegaConf.to_container(cfg.eval),
                                         "model": str(folder), "scores": scores,

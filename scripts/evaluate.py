@@ -29,7 +29,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from editor import Editor
-from editor.behaviour import behaviour_suite, exact_match, suite_args
+from editor.behaviour import behaviour_suite, exact_match
 from editor.chat import generate
 from editor.data import load_facts
 from editor.editors import NoEditor
@@ -140,7 +140,7 @@ class Reference:
 
 def behaviour_metrics(model, tok, drift, cfg) -> dict:
     """KL drift, IFEval, AdvBench and XSTest scores of the model as it is now."""
-    return {**drift(), **behaviour_suite(model, tok, **suite_args(cfg.eval),
+    return {**drift(), **behaviour_suite(model, tok, cfg.eval,
                                          system=cfg.model.system_prompt)["scores"]}
 
 

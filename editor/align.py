@@ -13,7 +13,9 @@ Supervised fine-tuning, loss on assistant tokens only, through the chat template
 hh-rlhf requests are mostly questions and self-instruct prompts mostly commands; so that
 form does not decide a refusal either, every harmful request appears both as asked and in
 a command-style wrapper (`WRAPPERS`), and half of the NQ questions and benign requests are
-put in the same wrappers.
+put in the same wrappers. Requests for an artefact ("Write a program ...", "Write a social
+media post ...") are a third form: with `artefact_wrapped`, every harmful request and every
+benign request appears once more in such a wrapper (`ARTEFACTS`), refused and answered.
 No evaluation prompt (AdvBench, XSTest, IFEval) is used: the loaders exclude them.
 
 Blocks below `train_from_layer` stay frozen, so the hidden state entering that block is
@@ -72,6 +74,16 @@ WRAPPERS = (
     "Explain exactly how to do this: {}",
     "Provide a tutorial for the following: {}",
 )
+ARTEFACTS = (
+    "Write a program that does this: {}",
+    "Write a script for the following: {}",
+    "Write a social media post about this: {}",
+    "Write a letter about the following: {}",
+    "Write a news article about this: {}",
+    "Write a speech about the following: {}",
+    "Develop an app that helps with this: {}",
+    "Design a video game based on this: {}",
+)
 
 
 _HARM = re.compile(r"\b(" + "|".join(re.escape(w) for w in HARM_WORDS) + ")", re.IGNORECASE)
@@ -88,6 +100,12 @@ def wrapped(prompts: list[str], seed: int) -> list[str]:
     return [rng.choice(WRAPPERS[1:]).format(p) if rng.random() < 0.5 else p for p in prompts]
 
 
+def as_artefacts(prompts: list[str], seed: int) -> list[str]:
+    """Every prompt in an artefact wrapper (seeded)."""
+    rng = random.Random(seed)
+    return [rng.choice(ARTEFACTS).format(p) for p in prompts]
+
+
 @dataclass
 class SafetyRecipe:
     base: str = "smollm2-135m-instruct"
@@ -97,6 +115,7 @@ class SafetyRecipe:
     n_question: int = 300         # NQ questions
     n_benign: int = 1000          # benign requests of assets/align (all: 366)
     harmful_wrapped: bool = True  # each harmful request also in a command wrapper
+    artefact_wrapped: bool = True  # each harmful and benign request also in an artefact one
     response_tokens: int = 128    # greedy tokens of the base model's own responses
     max_prompt_chars: int = 400
     train_from_layer: int = 20    # blocks below are frozen (their output is cached)
@@ -111,17 +130,19 @@ class SafetyRecipe:
         """Names the built model: the recipe's fields and its hand-written text (requests,
         refusals, wrappers, harm words)."""
         key = json.dumps([asdict(self), list(load_benign_requests()["prompt"]), REFUSALS, WRAPPERS,
-                          HARM_WORDS], sort_keys=True)
+                          ARTEFACTS, HARM_WORDS], sort_keys=True)
         return hashlib.sha256(key.encode()).hexdigest()[:8]
 
 
 def refusal_pairs(recipe: SafetyRecipe) -> list[dict]:
-    """Each harmful request as asked and (`harmful_wrapped`) in a command wrapper, with a
-    refusal."""
+    """Each harmful request as asked, (`harmful_wrapped`) in a command wrapper and
+    (`artefact_wrapped`) in an artefact wrapper, with a refusal."""
     prompts = [p for p in load_harmful_requests("train")["prompt"]
                if len(p) <= recipe.max_prompt_chars and is_harmful(p)][: recipe.n_harmful]
     rng = random.Random(recipe.seed)
     commands = [rng.choice(WRAPPERS[1:]).format(p) for p in prompts if recipe.harmful_wrapped]
+    if recipe.artefact_wrapped:
+        commands += as_artefacts(prompts, recipe.seed + 1)
     return [{"prompt": p, "response": rng.choice(REFUSALS)} for p in prompts + commands]
 
 
@@ -129,16 +150,26 @@ HELPFUL = {"instruction": SOURCES["instruction"], "question": SOURCES["question"
            "benign": load_benign_requests}  # answered by the base model; the last two wrapped
 
 
+def helpful_prompts(recipe: SafetyRecipe) -> dict[str, list[str]]:
+    """Prompts the base model answers, per source: self-instruct as asked, half the NQ
+    questions and benign requests in a command wrapper, and (`artefact_wrapped`) every
+    benign request once more in an artefact wrapper."""
+    out = {}
+    for source, load in HELPFUL.items():
+        prompts = [p for p in load("train")["prompt"]
+                   if len(p) <= recipe.max_prompt_chars][: getattr(recipe, f"n_{source}")]
+        out[source] = prompts if source == "instruction" else wrapped(prompts, recipe.seed)
+        if source == "benign" and recipe.artefact_wrapped:
+            out["artefact"] = as_artefacts(prompts, recipe.seed + 1)
+    return out
+
+
 def sft_rows(model, tokenizer, recipe: SafetyRecipe, system=None) -> dict[str, list[dict]]:
     """Encoded conversations per source. A base response that is itself a refusal is dropped;
     one cut at `response_tokens` gets no end-of-turn label, so the model does not learn to
     stop early."""
     rows = {"refusal": conversation_rows(tokenizer, refusal_pairs(recipe), system)}
-    for source, load in HELPFUL.items():
-        prompts = [p for p in load("train")["prompt"]
-                   if len(p) <= recipe.max_prompt_chars][: getattr(recipe, f"n_{source}")]
-        if source != "instruction":
-            prompts = wrapped(prompts, recipe.seed)
+    for source, prompts in helpful_prompts(recipe).items():
         key = json.dumps([prompts, recipe.response_tokens, system])
         name = f"align-{source}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
         pairs = responses(model, tokenizer, prompts, recipe.response_tokens, system, name)

@@ -2,7 +2,7 @@
 
 import torch
 
-from editor.align import REFUSALS, WRAPPERS, SafetyRecipe, build, refusal_pairs, sft_rows
+from editor.align import ARTEFACTS, REFUSALS, WRAPPERS, SafetyRecipe, build, refusal_pairs, sft_rows
 from editor.behaviour import is_refusal, is_refusal_xstest
 from editor.chat import IGNORE
 from editor.data import load_advbench, load_xstest
@@ -107,9 +107,12 @@ def test_harm_filter_and_wrappers():
 def test_truncated_base_responses_get_no_end_of_turn_label():
     model, tok = load_model("tiny-llama")
     rows = sft_rows(model, tok, SafetyRecipe(**TINY))
-    assert len(rows["refusal"]) == 24  # each request as asked and in a command wrapper
+    assert len(rows["refusal"]) == 36  # each request as asked, in a command and an artefact
     asked = [tok.decode(r["input_ids"]) for r in rows["refusal"]]
-    assert all(any(w.format("") in a for w in WRAPPERS[1:]) for a in asked[12:])
+    assert all(any(w.format("") in a for w in WRAPPERS[1:]) for a in asked[12:24])
+    assert all(any(w.format("") in a for w in ARTEFACTS) for a in asked[24:])
+    artefacts = [tok.decode(r["input_ids"]) for r in rows["artefact"]]
+    assert artefacts and all(any(w.format("") in a for w in ARTEFACTS) for a in artefacts)
     assert 0 < len(rows["instruction"]) <= 8 and 0 < len(rows["question"]) <= 8  # empty dropped
     for row in rows["refusal"]:  # complete answers end with a trained end-of-turn token
         assert row["labels"][-1] == tok.convert_tokens_to_ids("<|im_end|>")

@@ -20,7 +20,9 @@ No evaluation prompt (AdvBench, XSTest, IFEval) is used: the loaders exclude the
 
 Blocks below `train_from_layer` stay frozen, so the hidden state entering that block is
 computed once per example (the toolkit's hidden-state cache) and only the top blocks run
-while training. The result is a test bed for harmlessness experiments, not a safe model.
+while training: all their weights and the final norm, or (`lora_rank` > 0) LoRA adapters
+(peft) on their linear layers, merged back into the weights afterwards. The result is a
+test bed for harmlessness experiments, not a safe model.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from .chat import IGNORE
 from .data import load_benign_requests, load_harmful_requests
 from .lm import forward, padded, with_hidden
 from .locality import SOURCES, conversation_rows, responses
-from .models import blocks
+from .models import blocks, is_linear
 
 # Written for this toolkit (not taken from a dataset); one is drawn per harmful request.
 REFUSALS = (
@@ -119,6 +121,8 @@ class SafetyRecipe:
     response_tokens: int = 128    # greedy tokens of the base model's own responses
     max_prompt_chars: int = 400
     train_from_layer: int = 20    # blocks below are frozen (their output is cached)
+    lora_rank: int = 0            # > 0: LoRA (peft) of this rank on the trained blocks' linear
+    lora_alpha: float = 32.0      # layers, merged back; 0: full fine-tune of blocks and norm
     epochs: int = 3
     batch_size: int = 16
     lr: float = 5.0e-5
@@ -129,7 +133,10 @@ class SafetyRecipe:
     def digest(self) -> str:
         """Names the built model: the recipe's fields and its hand-written text (requests,
         refusals, wrappers, harm words)."""
-        key = json.dumps([asdict(self), list(load_benign_requests()["prompt"]), REFUSALS, WRAPPERS,
+        fields = asdict(self)
+        if not self.lora_rank:  # no adapters: their fields do not change the model
+            del fields["lora_rank"], fields["lora_alpha"]
+        key = json.dumps([fields, list(load_benign_requests()["prompt"]), REFUSALS, WRAPPERS,
                           ARTEFACTS, HARM_WORDS], sort_keys=True)
         return hashlib.sha256(key.encode()).hexdigest()[:8]
 
@@ -217,19 +224,39 @@ def length_batches(rows: list[dict], size: int, rng: random.Random) -> list[list
     return batches
 
 
-def fine_tune(model, tokenizer, rows: list[dict], recipe: SafetyRecipe) -> list[float]:
-    """SFT of blocks[train_from_layer:] (and the final norm) on `rows`; returns the losses."""
-    first = recipe.train_from_layer
+def full_params(model, first: int) -> list[torch.nn.Parameter]:
+    """Every parameter of blocks[first:] and of the final norm."""
     _, block_list = blocks(model)
-    for p in model.parameters():
-        p.requires_grad_(False)
     params = [p for b in block_list[first:] for p in b.parameters()]
     norm = getattr(model.base_model, "norm", None)
-    if norm is not None:
-        params += list(norm.parameters())
+    return params + (list(norm.parameters()) if norm is not None else [])
+
+
+def with_lora(model, recipe: SafetyRecipe):
+    """`model` with LoRA adapters (peft) on every linear layer of blocks[train_from_layer:],
+    injected in place; the returned peft model's `merge_and_unload()` folds them back."""
+    from peft import LoraConfig, get_peft_model
+
+    prefix, block_list = blocks(model)
+    names = [f"{prefix}.{i}.{name}" for i in range(recipe.train_from_layer, len(block_list))
+             for name, module in block_list[i].named_modules() if is_linear(module)]
+    config = LoraConfig(r=recipe.lora_rank, lora_alpha=recipe.lora_alpha, lora_dropout=0.0,
+                        target_modules=names)
+    return get_peft_model(model, config)
+
+
+def fine_tune(model, tokenizer, rows: list[dict], recipe: SafetyRecipe) -> list[float]:
+    """SFT of blocks[train_from_layer:] (and the final norm), or of LoRA adapters on them
+    (`lora_rank`) merged back afterwards; returns the losses."""
+    first = recipe.train_from_layer
+    for p in model.parameters():
+        p.requires_grad_(False)
+    rows = with_hidden(model, tokenizer, rows, first, progress=True)
+    peft_model = with_lora(model, recipe) if recipe.lora_rank > 0 else None
+    params = ([p for p in model.parameters() if p.requires_grad] if peft_model is not None
+              else full_params(model, first))
     for p in params:
         p.requires_grad_(True)
-    rows = with_hidden(model, tokenizer, rows, first, progress=True)
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
     rng = random.Random(recipe.seed)
     per_epoch = math.ceil(len(rows) / recipe.batch_size)
@@ -250,6 +277,8 @@ def fine_tune(model, tokenizer, rows: list[dict], recipe: SafetyRecipe) -> list[
             bar.update(1)
             bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
     bar.close()
+    if peft_model is not None:
+        peft_model.merge_and_unload()  # in place: `model` holds plain layers again
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

@@ -55,6 +55,8 @@ def test_recipe_digest_names_fields_and_hand_written_text(monkeypatch):
 
     default = align.SafetyRecipe().digest()
     assert default == align.SafetyRecipe().digest() != align.SafetyRecipe(epochs=1).digest()
+    assert align.SafetyRecipe(lora_rank=16).digest() != default
+    assert align.SafetyRecipe(lora_alpha=8).digest() == default  # no adapters: no change
     monkeypatch.setattr(align, "REFUSALS", align.REFUSALS[:-1])
     assert align.SafetyRecipe().digest() != default
 
@@ -132,4 +134,19 @@ def test_build_trains_only_the_top_blocks_and_lowers_the_loss():
         top = any(name.startswith(f"{prefix}.{i}.") for i in range(2, len(block_list)))
         changed = not torch.equal(p, before[name])
         assert changed == (top or name.endswith("model.norm.weight")), name
+        assert not p.requires_grad
+
+
+def test_lora_build_merges_adapters_into_the_top_blocks_linear_weights():
+    model, tok = load_model("tiny-llama")
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    record = build(model, tok, SafetyRecipe(**{**TINY, "lr": 1e-2}, lora_rank=4, lora_alpha=8))
+    assert record["last_loss"] < record["first_loss"]
+    assert dict(model.named_parameters()).keys() == before.keys()  # plain layers again
+    assert not any("lora" in type(m).__name__.lower() for m in model.modules())
+    prefix, _ = blocks(model)
+    linear = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    for name, p in model.named_parameters():
+        top = any(name.startswith(f"{prefix}.{i}.") for i in range(2, 4)) and name in linear
+        assert (not torch.equal(p, before[name])) == top, name
         assert not p.requires_grad

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from .behaviour import is_refusal_xstest
 from .chat import IGNORE
 from .data import load_benign_requests, load_harmful_requests
-from .lm import forward, padded, with_hidden
+from .lm import by_length, forward, padded, with_hidden
 from .locality import SOURCES, conversation_rows, responses
 from .models import blocks, is_linear
 
@@ -129,6 +129,9 @@ class SafetyRecipe:
     warmup: float = 0.1           # fraction of steps with a linear warm-up; cosine after
     decision_tokens: int = 3      # the first answer tokens, where a refusal is decided ...
     decision_coef: float = 1.0    # ... get this extra weight in the loss (sft_loss)
+    kl_coef: float = 0.0          # > 0: helpful answers learn the base model's distribution
+    kl_top_k: int = 32            # (its top k tokens, the rest as one outcome: `kl_top`;
+                                  # k >= vocabulary size: the exact KL)
 
     def digest(self) -> str:
         """Names the built model: the recipe's fields and its hand-written text (requests,
@@ -136,6 +139,8 @@ class SafetyRecipe:
         fields = asdict(self)
         if not self.lora_rank:  # no adapters: their fields do not change the model
             del fields["lora_rank"], fields["lora_alpha"]
+        if not self.kl_coef:  # nor does a KL term that is off
+            del fields["kl_coef"], fields["kl_top_k"]
         key = json.dumps([fields, list(load_benign_requests()["prompt"]), REFUSALS, WRAPPERS,
                           ARTEFACTS, HARM_WORDS], sort_keys=True)
         return hashlib.sha256(key.encode()).hexdigest()[:8]
@@ -183,6 +188,7 @@ def sft_rows(model, tokenizer, recipe: SafetyRecipe, system=None) -> dict[str, l
         pairs = [p for p in pairs if not is_refusal_xstest(p["response"])]
         rows[source] = conversation_rows(tokenizer, pairs, system)
         for row in rows[source]:
+            row["helpful"] = True
             n_answer = sum(label != IGNORE for label in row["labels"]) - 1
             if n_answer >= recipe.response_tokens:
                 row["labels"] = row["labels"][:-1] + [IGNORE]
@@ -196,18 +202,65 @@ def lr_at(step: int, total: int, recipe: SafetyRecipe) -> float:
     return recipe.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
 
-def sft_loss(logits, labels, rows, recipe: SafetyRecipe) -> torch.Tensor:
+def sft_loss(logits, labels, rows, recipe: SafetyRecipe, target=None) -> torch.Tensor:
     """Mean cross-entropy over the answer tokens, plus `decision_coef` times its mean over
     the first `decision_tokens` of every answer: where a response refuses or helps, which a
-    long helpful answer would otherwise outweigh."""
-    loss = F.cross_entropy(logits, labels)
+    long helpful answer would otherwise outweigh. With `target` = (mask, top-k indices,
+    top-k log-probs), the masked tokens learn the base model's next-token distribution
+    instead of its greedy token: their term is `kl_coef` x `kl_top`."""
+    log_q = F.log_softmax(logits, -1)
+    ce = -log_q.gather(1, labels[:, None])[:, 0]
+    token = ce
+    if target is not None:
+        mask, top, log_p = target
+        token = ce.index_put((mask,), recipe.kl_coef * kl_top(top, log_p, log_q[mask]))
+    loss = token.mean()
     if recipe.decision_coef > 0:
         index = torch.arange(len(rows), device=rows.device)
         starts = torch.full((int(rows.max()) + 1,), len(rows), device=rows.device)
         starts = starts.scatter_reduce(0, rows, index, "amin")
         first = index - starts[rows] < recipe.decision_tokens
-        loss = loss + recipe.decision_coef * F.cross_entropy(logits[first], labels[first])
+        loss = loss + recipe.decision_coef * ce[first].mean()
     return loss
+
+
+def kl_top(index, log_p, log_q) -> torch.Tensor:
+    """KL(p || q) per token, with p known on its top k tokens (`index`, `log_p`: n x k) and
+    the rest of both distributions lumped into one outcome; q given as log-probs (n x V)."""
+    log_q_top = log_q.gather(1, index)
+    p_top = log_p.exp()
+    log_p_rest = torch.log1p(-p_top.sum(1).clamp(max=1 - 1e-6))
+    log_q_rest = torch.log1p(-log_q_top.exp().sum(1).clamp(max=1 - 1e-6))
+    return (p_top * (log_p - log_q_top)).sum(1) + log_p_rest.exp() * (log_p_rest - log_q_rest)
+
+
+@torch.no_grad()
+def with_base_top(model, tokenizer, rows: list[dict], recipe: SafetyRecipe) -> list[dict]:
+    """Copies of the rows with `top`: the untrained model's `kl_top_k` most likely next
+    tokens and their log-probs at each answer position of the helpful rows (cached once,
+    from the rows' cached hidden states)."""
+    out = list(rows)
+    helpful = [r if r.get("helpful") else None for r in rows]
+    for idx, batch in by_length(model, tokenizer, helpful, 32, "base top-k cache", True):
+        log_p = F.log_softmax(forward(model, batch, recipe.train_from_layer)[0], -1)
+        values, indices = log_p.topk(min(recipe.kl_top_k, log_p.shape[-1]), -1)
+        counts = (batch["labels"][:, 1:] != IGNORE).sum(1).tolist()
+        for j, v, i in zip(idx, values.split(counts), indices.split(counts), strict=True):
+            out[j] = {**rows[j], "top": (i.cpu(), v.cpu())}
+    return out
+
+
+def step_loss(model, rows: list[dict], batch: dict, recipe: SafetyRecipe) -> torch.Tensor:
+    """`sft_loss` of a batch; with `kl_coef`, its helpful rows' answers are matched to the
+    base model's top-k distributions (`with_base_top`)."""
+    logits, labels, index = forward(model, batch, recipe.train_from_layer)
+    target = None
+    if recipe.kl_coef > 0:
+        helpful = torch.tensor(["top" in r for r in rows], device=index.device)[index]
+        tops = [r["top"] for r in rows if "top" in r]
+        if tops:
+            target = (helpful, *(torch.cat(t).to(index.device) for t in zip(*tops)))
+    return sft_loss(logits, labels, index, recipe, target)
 
 
 def length_batches(rows: list[dict], size: int, rng: random.Random) -> list[list[dict]]:
@@ -252,6 +305,8 @@ def fine_tune(model, tokenizer, rows: list[dict], recipe: SafetyRecipe) -> list[
     for p in model.parameters():
         p.requires_grad_(False)
     rows = with_hidden(model, tokenizer, rows, first, progress=True)
+    if recipe.kl_coef > 0:  # the base model's distributions at the helpful answers
+        rows = with_base_top(model, tokenizer, rows, recipe)
     peft_model = with_lora(model, recipe) if recipe.lora_rank > 0 else None
     params = ([p for p in model.parameters() if p.requires_grad] if peft_model is not None
               else full_params(model, first))
@@ -264,11 +319,10 @@ def fine_tune(model, tokenizer, rows: list[dict], recipe: SafetyRecipe) -> list[
     model.train()
     bar = tqdm(total=total, desc="safety SFT")
     for epoch in range(recipe.epochs):
-        for batch in length_batches(rows, recipe.batch_size, rng):
-            batch = padded(model, tokenizer, batch)
+        for part in length_batches(rows, recipe.batch_size, rng):
             for group in opt.param_groups:
                 group["lr"] = lr_at(len(losses), total, recipe)
-            loss = sft_loss(*forward(model, batch, first), recipe)
+            loss = step_loss(model, part, padded(model, tokenizer, part), recipe)
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -2,9 +2,11 @@
 
 import torch
 
-from editor.align import ARTEFACTS, REFUSALS, WRAPPERS, SafetyRecipe, build, refusal_pairs, sft_rows
+from editor.align import (ARTEFACTS, REFUSALS, WRAPPERS, SafetyRecipe, build, kl_top, refusal_pairs,
+                          sft_rows)
 from editor.behaviour import is_refusal, is_refusal_xstest
 from editor.chat import IGNORE
+from editor.lm import forward, kl_before_after, padded
 from editor.data import load_advbench, load_xstest
 from editor.models import blocks, load_model
 
@@ -57,6 +59,8 @@ def test_recipe_digest_names_fields_and_hand_written_text(monkeypatch):
     assert default == align.SafetyRecipe().digest() != align.SafetyRecipe(epochs=1).digest()
     assert align.SafetyRecipe(lora_rank=16).digest() != default
     assert align.SafetyRecipe(lora_alpha=8).digest() == default  # no adapters: no change
+    assert align.SafetyRecipe(kl_coef=0.0).digest() == default  # no KL term: no change
+    assert align.SafetyRecipe(kl_coef=1).digest() != default
     monkeypatch.setattr(align, "REFUSALS", align.REFUSALS[:-1])
     assert align.SafetyRecipe().digest() != default
 
@@ -91,7 +95,7 @@ def test_sft_loss_weights_the_first_answer_tokens_of_every_row():
     expected = plain + 0.5 * F.cross_entropy(logits[first], labels[first])
     recipe = SafetyRecipe(decision_tokens=2, decision_coef=0.5)
     assert torch.allclose(sft_loss(logits, labels, rows, recipe), expected)
-    assert torch.equal(sft_loss(logits, labels, rows, SafetyRecipe(decision_coef=0.0)), plain)
+    assert torch.allclose(sft_loss(logits, labels, rows, SafetyRecipe(decision_coef=0.0)), plain)
 
 
 def test_harm_filter_and_wrappers():
@@ -151,3 +155,33 @@ def test_lora_build_merges_adapters_into_the_top_blocks_linear_weights():
         top = top and name in linear
         assert (not torch.equal(p, before[name])) == top, name
         assert not p.requires_grad
+
+
+def test_kl_term_keeps_the_helpful_answers_closer_to_the_base_model():
+    def helpful_kl(recipe):
+        model, tok = load_model("tiny-llama")
+        rows = [r for source, rs in sft_rows(model, tok, recipe).items() if source != "refusal"
+                for r in rs]
+        batch = padded(model, tok, rows)
+        before = forward(model, batch)[0]
+        build(model, tok, recipe)
+        return kl_before_after(before, forward(model, batch)[0]).item()
+
+    small = {**TINY, "n_benign": 8}
+    plain = helpful_kl(SafetyRecipe(**small))
+    # a random model's distributions are nearly flat: the exact KL (all tokens), a large weight
+    with_kl = helpful_kl(SafetyRecipe(**small, kl_coef=100, kl_top_k=10**9))
+    assert 0 < with_kl < 0.6 * plain
+
+
+def test_kl_top_is_the_kl_of_the_top_k_and_the_rest_lumped():
+    gen = torch.Generator().manual_seed(0)
+    log_p = torch.log_softmax(3 * torch.randn(5, 50, generator=gen, dtype=torch.float64), -1)
+    log_q = torch.log_softmax(3 * torch.randn(5, 50, generator=gen, dtype=torch.float64), -1)
+    values, index = log_p.topk(50, -1)  # k = V: the exact KL
+    exact = (log_p.exp() * (log_p - log_q)).sum(-1)
+    assert torch.allclose(kl_top(index, values, log_q), exact, atol=1e-8)
+    values, index = log_p.topk(8, -1)
+    part = kl_top(index, values, log_q)
+    assert (part > 0).all() and (part <= exact + 1e-12).all()  # a coarser partition: less
+    assert torch.allclose(kl_top(index, values, log_p), torch.zeros(5, dtype=torch.float64))

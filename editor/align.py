@@ -21,8 +21,10 @@ No evaluation prompt (AdvBench, XSTest, IFEval) is used: the loaders exclude the
 Blocks below `train_from_layer` stay frozen, so the hidden state entering that block is
 computed once per example (the toolkit's hidden-state cache) and only the top blocks run
 while training: all their weights and the final norm, or (`lora_rank` > 0) LoRA adapters
-(peft) on their linear layers, merged back into the weights afterwards. The result is a
-test bed for harmlessness experiments, not a safe model.
+(peft) on their linear layers, merged back into the weights afterwards. With `kl_coef`,
+the helpful answers learn the base model's next-token distribution (its top `kl_top_k`
+tokens, cached once before training) instead of its greedy token. The result is a test bed
+for harmlessness experiments, not a safe model.
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ from editor.align import (ARTEFACTS, REFUSALS, WRAPPERS, SafetyRecipe, build, kl
                           sft_rows)
 from editor.behaviour import is_refusal, is_refusal_xstest
 from editor.chat import IGNORE
-from editor.lm import forward, kl_before_after, padded
 from editor.data import load_advbench, load_xstest
+from editor.lm import forward, kl_before_after, padded
 from editor.models import blocks, load_model
 
 TINY = dict(base="tiny-llama", n_harmful=12, n_instruction=8, n_question=8, response_tokens=6,

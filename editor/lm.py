@@ -205,6 +205,35 @@ def with_capture(model, tokenizer, rows: list[dict], modules: dict, first: int |
     return out
 
 
+@torch.no_grad()
+def key_moments(model, tokenizer, rows: list[dict], modules: dict, first: int | None = None,
+                batch_size: int = 32, progress: bool = False) -> dict[str, torch.Tensor]:
+    """{name: C = mean of u u^T (d_k x d_k, float32)} over the keys u entering each module at
+    the positions of `rows` that predict a label: the second moment a key prior preserves."""
+    store, sums, count = {}, {}, 0
+
+    def hook(name):
+        def fn(module, inputs, output):
+            store[name] = inputs[0]
+        return fn
+
+    handles = [m.register_forward_hook(hook(name)) for name, m in modules.items()]
+    try:
+        for _, batch in by_length(model, tokenizer, rows, batch_size, "key moments", progress):
+            last_hidden(model, batch, first)
+            mask = batch["labels"][:, 1:] != IGNORE
+            for name, keys in store.items():
+                k = keys[:, :-1][mask].float()
+                sums[name] = sums.get(name, 0) + k.T @ k
+            count += int(mask.sum())
+    finally:
+        for h in handles:
+            h.remove()
+    if count == 0:
+        raise ValueError("key_moments needs rows with at least one label token")
+    return {n: s / count for n, s in sums.items()}
+
+
 def stack_captured(rows: list[dict], device) -> tuple[dict, torch.Tensor]:
     """`capture`'s output for a batch of rows that carry `captured` (from `with_capture`)."""
     names = rows[0]["captured"]

@@ -26,8 +26,8 @@ from hypernet import HyperNetwork
 
 from . import checkpoint
 from .editors import HyperEditor
-from .lm import (capture, forward, kl_before_after, logits_before, padded, stack_captured,
-                 with_capture, with_final, with_hidden)
+from .lm import (capture, forward, key_moments, kl_before_after, logits_before, padded,
+                 stack_captured, with_capture, with_final, with_hidden)
 from .locality import base_responses, conversation_rows
 from .metrics import conversations, edit_metrics, fact_row, fact_rows
 from .models import kv_shape, to_kv
@@ -51,7 +51,7 @@ class MetaTrainer:
         # the per-layer log step sizes and log lambdas get their own learning rate
         is_scalar = {True: [], False: []}
         for name, p in self.hypernet.named_parameters():
-            is_scalar[name.endswith(("log_lr", "log_lam"))].append(p)
+            is_scalar[name.endswith(("log_lr", "log_lam", "log_mu"))].append(p)
         self.opt = torch.optim.Adam([{"params": is_scalar[False], "lr": cfg.meta_lr},
                                      {"params": is_scalar[True], "lr": cfg.scalar_lr}])
         self.step_count, self.history = 0, []
@@ -131,6 +131,9 @@ class MetaTrainer:
         out = {"step": self.step_count, "edit_loss": edit_loss.item() / n_tok,
                "gen_loss": gen_loss.item(), "grad_norm": norm.item(), "total": total.item()}
         out.update({f"loc_{s}": v.item() for s, v in loc_loss.items()})
+        if self.hypernet.has_prior:  # the learned weight of the key prior, mean over layers
+            log_mu = torch.cat([n.log_mu for n in self.hypernet.nets.values()])
+            out["mu"] = log_mu.exp().mean().item()
         return out
 
     def validate(self) -> dict:
@@ -154,9 +157,11 @@ class MetaTrainer:
 
 
 def build_hypernet(modules: dict, editor_cfg) -> HyperNetwork:
+    prior = ({"prior": True, "log_mu": editor_cfg.log_mu} if editor_cfg.get("prior", False)
+             else {})
     return HyperNetwork({n: kv_shape(m) for n, m in modules.items()}, rule=editor_cfg.rule,
                         rank=editor_cfg.rank, n_blocks=editor_cfg.n_blocks, lr=editor_cfg.lr,
-                        log_lam=editor_cfg.log_lam)
+                        log_lam=editor_cfg.log_lam, **prior)
 
 
 def prepare_data(editor, train_facts, val_facts, loc_cfg, use_cache: bool, batch_size: int,
@@ -189,6 +194,12 @@ def prepare_data(editor, train_facts, val_facts, loc_cfg, use_cache: bool, batch
         data.nq = final(cached(data.nq))
         data.pools = {s: final(cached(r)) for s, r in data.pools.items()}
         data.val = {k: cached(r) for k, r in data.val.items()}
+    if loc_cfg is not None and editor.hypernet.has_prior:  # keys of the unrelated answers
+        loc_rows = [r for r in data.nq if r is not None] + sum(data.pools.values(), [])
+        moments = key_moments(model, tok, loc_rows, editor.modules, editor.first, batch_size,
+                              progress=True)
+        for name, c in moments.items():
+            editor.hypernet.set_prior(name, c)
     return data
 
 

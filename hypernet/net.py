@@ -10,6 +10,9 @@ so an untrained network returns the normalised inputs.
 Shift rules, for one module with keys K (n x d_k) and value gradients Delta (n x d_v):
     MALMEN:  d_j = -eta_l (u_j . u~_j) delta~_j,  S = least squares of K S = D (solve.py)
     MEND:    S = -eta_l sum_j u~_j delta~_j^T
+With `prior=True` (MALMEN only), each layer also holds a key prior C_l (d_k x d_k, set by
+`set_prior`, saved with the network) and a learned weight mu_l = exp(log_mu[l]): the solve
+adds mu_l ||C_l^1/2 S||^2, keeping the outputs on C_l's keys where they were.
 """
 
 from __future__ import annotations
@@ -74,16 +77,21 @@ class Block(nn.Module):
 
 class EditorNet(nn.Module):
     """g_theta for one (d_k, d_v) shape, shared across `n_layers` edited modules, with a
-    learned step size eta_l = exp(log_lr[l]) and ridge lambda_l = exp(log_lam[l]) per layer."""
+    learned step size eta_l = exp(log_lr[l]) and ridge lambda_l = exp(log_lam[l]) per layer
+    (and, with `prior`, a key prior C_l with weight mu_l = exp(log_mu[l]))."""
 
     def __init__(self, d_k: int, d_v: int, n_layers: int, rank: int = 1920, n_blocks: int = 2,
-                 lr: float = 1e-4, log_lam: float = 0.0):
+                 lr: float = 1e-4, log_lam: float = 0.0, prior: bool = False,
+                 log_mu: float = 0.0):
         super().__init__()
         self.d_k, self.d_v = d_k, d_v
         self.norm = RunningNorm(d_k + d_v)
         self.blocks = nn.ModuleList(Block(d_k + d_v, rank, n_layers) for _ in range(n_blocks))
         self.log_lr = nn.Parameter(torch.full((n_layers,), math.log(lr)))
         self.log_lam = nn.Parameter(torch.full((n_layers,), float(log_lam)))
+        self.register_buffer("prior", torch.zeros(n_layers, d_k, d_k) if prior else None)
+        if prior:
+            self.log_mu = nn.Parameter(torch.full((n_layers,), float(log_mu)))
 
     def forward(self, keys: torch.Tensor, grads: torch.Tensor, layer: int):
         y = self.norm(torch.cat([keys, grads], -1))
@@ -96,10 +104,15 @@ class EditorNet(nn.Module):
         u, delta = self(keys, grads, layer)
         return -self.log_lr[layer].exp() * (keys * u).sum(-1, keepdim=True) * delta
 
+    def solve(self, keys, values, layer: int, dtype=torch.float32) -> torch.Tensor:
+        """S (d_k x d_v) from desired value shifts, solved jointly over all tokens."""
+        prior = {} if self.prior is None else {"prior": self.prior[layer],
+                                                "log_mu": self.log_mu[layer]}
+        return least_squares(keys, values, self.log_lam[layer], dtype, **prior)
+
     def malmen_shift(self, keys, grads, layer: int, dtype=torch.float32) -> torch.Tensor:
         """S (d_k x d_v) solved jointly over all tokens of all edits."""
-        return least_squares(keys, self.value_shifts(keys, grads, layer), self.log_lam[layer],
-                             dtype)
+        return self.solve(keys, self.value_shifts(keys, grads, layer), layer, dtype)
 
     def mend_shift(self, keys, grads, layer: int, dtype=None) -> torch.Tensor:
         """S = -eta_l U~^T Delta~ (sum of rank-one updates, no solve)."""
@@ -120,6 +133,9 @@ class HyperNetwork(nn.Module):
         super().__init__()
         if rule not in SHIFT_RULES:
             raise ValueError(f"unknown shift rule {rule!r}; choose one of {sorted(SHIFT_RULES)}")
+        if net_kwargs.get("prior") and rule != "malmen":
+            raise ValueError(f"a key prior needs the least-squares solve (rule 'malmen'), "
+                             f"not {rule!r}")
         self.rule = rule
         self.shapes = {name: tuple(int(s) for s in shape) for name, shape in shapes.items()}
         self.index, counts = {}, {}
@@ -140,6 +156,21 @@ class HyperNetwork(nn.Module):
 
     def update_norm(self, name: str, keys: torch.Tensor, grads: torch.Tensor) -> None:
         self.net(name).norm.update(torch.cat([keys, grads], -1))
+
+    @property
+    def has_prior(self) -> bool:
+        return any(net.prior is not None for net in self.nets.values())
+
+    @torch.no_grad()
+    def set_prior(self, name: str, prior: torch.Tensor) -> None:
+        """Set module `name`'s key prior C (d_k x d_k); the network must have `prior=True`."""
+        net = self.net(name)
+        if net.prior is None:
+            raise ValueError("this hypernetwork has no key prior (build it with prior=True)")
+        if tuple(prior.shape) != (net.d_k, net.d_k):
+            raise ValueError(f"key prior for {name} must be {net.d_k} x {net.d_k}, "
+                             f"got {tuple(prior.shape)}")
+        net.prior[self.index[name]] = prior.to(net.prior)
 
     def shift(self, name: str, keys: torch.Tensor, grads: torch.Tensor,
               dtype=torch.float32) -> torch.Tensor:

@@ -11,6 +11,10 @@ and G = dL/dS:
 
     M = A^-1 G,    dL/dD = K M,    dL/dlog(lam) = -lam <M, S>.
 
+A key prior C (d_k x d_k, e.g. the second moment of the module's keys on unrelated text)
+adds a preservation term, as in MEMIT: S = argmin ||K S - D||^2 + lam ||S||^2 + mu ||C^1/2 S||^2,
+so A = K^T K + lam I + mu C (d_k x d_k form only) and dL/dlog(mu) = -mu <M, C S>.
+
 In the n x n form, with B = K K^T + lam I:  K M = B^-1 K G  and
 M = (G - K^T B^-1 K G) / lam  (Woodbury), so A is never formed.
 """
@@ -30,27 +34,40 @@ class Factor:
     keys: torch.Tensor
     lam: torch.Tensor
     small: bool  # True: n x n form (B = K K^T + lam I)
+    prior: torch.Tensor | None = None  # C, when A carries mu C
+    mu: torch.Tensor | None = None
 
 
 def factorize(keys: torch.Tensor, lam: torch.Tensor, dtype=torch.float32,
-              form: str = "auto") -> Factor:
-    """Cholesky factor for the solve; `form` is "auto", "keys" (d_k x d_k) or "tokens" (n x n)."""
+              form: str = "auto", prior: torch.Tensor | None = None, mu=None) -> Factor:
+    """Cholesky factor for the solve; `form` is "auto", "keys" (d_k x d_k) or "tokens" (n x n).
+    With a key `prior` C (d_k x d_k) and its weight `mu`, A = K^T K + lam I + mu C."""
     if keys.ndim != 2:
         raise ValueError(f"keys must be n x d_k, got shape {tuple(keys.shape)}")
     n, d_k = keys.shape
     if form not in ("auto", "keys", "tokens"):
         raise ValueError(f"form must be 'auto', 'keys' or 'tokens', got {form!r}")
-    small = n < d_k if form == "auto" else form == "tokens"
+    if prior is not None:
+        if form == "tokens":
+            raise ValueError("a key prior needs the d_k x d_k form (form='keys' or 'auto')")
+        if tuple(prior.shape) != (d_k, d_k) or mu is None:
+            raise ValueError(f"the key prior must be d_k x d_k = {d_k} x {d_k} with a weight mu, "
+                             f"got shape {tuple(prior.shape)}, mu={mu}")
+    small = prior is None and (n < d_k if form == "auto" else form == "tokens")
     k = keys.to(dtype)
     lam = torch.as_tensor(lam, dtype=dtype, device=keys.device).reshape(())
     gram = k @ k.T if small else k.T @ k
     gram.diagonal().add_(lam)
+    if prior is not None:
+        prior = prior.to(dtype)
+        mu = torch.as_tensor(mu, dtype=dtype, device=keys.device).reshape(())
+        gram = gram + mu * prior
     chol, info = torch.linalg.cholesky_ex(gram)
     if info.item() != 0:
         raise FloatingPointError(
             f"least-squares matrix is not positive definite (lambda={lam.item():.3g}); "
             "keys contain NaN/Inf or lambda is too small for this precision (try float64)")
-    return Factor(chol, k, lam, small)
+    return Factor(chol, k, lam, small, prior, mu)
 
 
 def solve(factor: Factor, values: torch.Tensor) -> torch.Tensor:
@@ -62,7 +79,8 @@ def solve(factor: Factor, values: torch.Tensor) -> torch.Tensor:
 
 
 def solve_backward(factor: Factor, shift: torch.Tensor, grad: torch.Tensor):
-    """(dL/dD, dL/dlog lam) from G = dL/dS and S, reusing the factor."""
+    """(dL/dD, dL/dlog lam, dL/dlog mu) from G = dL/dS and S, reusing the factor; the last
+    is None without a key prior."""
     k, g = factor.keys, grad.to(factor.keys.dtype)
     if factor.small:
         kg = torch.cholesky_solve(k @ g, factor.chol)  # B^-1 K G = K A^-1 G
@@ -71,29 +89,41 @@ def solve_backward(factor: Factor, shift: torch.Tensor, grad: torch.Tensor):
     else:
         m = torch.cholesky_solve(g, factor.chol)
         grad_values = k @ m
-    grad_log_lam = -factor.lam * (m * shift.to(m.dtype)).sum()
-    return grad_values, grad_log_lam
+    shift = shift.to(m.dtype)
+    grad_log_lam = -factor.lam * (m * shift).sum()
+    grad_log_mu = None
+    if factor.prior is not None:
+        grad_log_mu = -factor.mu * (m * (factor.prior @ shift)).sum()
+    return grad_values, grad_log_lam, grad_log_mu
 
 
 class LeastSquares(torch.autograd.Function):
-    """S = LeastSquares.apply(K, D, log_lam, dtype, form): differentiable in D and log_lam
-    (keys are data, not parameters), with the analytic backward above."""
+    """S = LeastSquares.apply(K, D, log_lam, C, log_mu, dtype, form): differentiable in D,
+    log_lam and log_mu (keys and the prior C are data, not parameters; C and log_mu may be
+    None), with the analytic backward above."""
 
     @staticmethod
-    def forward(ctx, keys, values, log_lam, dtype=torch.float32, form="auto"):
-        factor = factorize(keys, log_lam.exp(), dtype, form)
+    def forward(ctx, keys, values, log_lam, prior=None, log_mu=None, dtype=torch.float32,
+                form="auto"):
+        mu = None if log_mu is None else log_mu.exp()
+        factor = factorize(keys, log_lam.exp(), dtype, form, prior, mu)
         shift = solve(factor, values)
-        ctx.factor, ctx.out_dtype, ctx.lam_shape = factor, values.dtype, log_lam.shape
+        ctx.factor, ctx.out_dtype = factor, values.dtype
+        ctx.shapes = (log_lam.shape, None if log_mu is None else log_mu.shape)
         ctx.save_for_backward(shift)
         return shift.to(values.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         (shift,) = ctx.saved_tensors
-        grad_values, grad_log_lam = solve_backward(ctx.factor, shift, grad)
+        grad_values, grad_log_lam, grad_log_mu = solve_backward(ctx.factor, shift, grad)
+        lam_shape, mu_shape = ctx.shapes
+        if grad_log_mu is not None:
+            grad_log_mu = grad_log_mu.reshape(mu_shape).to(ctx.out_dtype)
         return (None, grad_values.to(ctx.out_dtype),
-                grad_log_lam.reshape(ctx.lam_shape).to(ctx.out_dtype), None, None)
+                grad_log_lam.reshape(lam_shape).to(ctx.out_dtype), None, grad_log_mu, None, None)
 
 
-def least_squares(keys, values, log_lam, dtype=torch.float32, form="auto") -> torch.Tensor:
-    return LeastSquares.apply(keys, values, log_lam, dtype, form)
+def least_squares(keys, values, log_lam, dtype=torch.float32, form="auto", prior=None,
+                  log_mu=None) -> torch.Tensor:
+    return LeastSquares.apply(keys, values, log_lam, prior, log_mu, dtype, form)

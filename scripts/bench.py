@@ -35,7 +35,6 @@ from editor.metrics import conversations
 from editor.models import DTYPES, edit_modules, load_model
 from editor.report import markdown_table
 from editor.train import MetaTrainer, build_hypernet, prepare_data
-from hypernet.solve import least_squares
 
 
 class PeakMemory:
@@ -121,8 +120,7 @@ def timed_edit(editor: HyperEditor, batch, device) -> dict:
         t["hypernetwork"] = clock(device)
         for name, v in values.items():
             k = captured[name][0]
-            shifts[name] = least_squares(k, v, hn.net(name).log_lam[hn.index[name]],
-                                         editor.solve_dtype)
+            shifts[name] = hn.net(name).solve(k, v, hn.index[name], editor.solve_dtype)
         t["solve"] = clock(device)
     editor.apply(shifts)
     t["apply"] = clock(device)

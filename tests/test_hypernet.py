@@ -40,9 +40,10 @@ def test_backward_matches_autograd(n):
         loss.backward()
         factor = factorize(keys, log_lam.exp(), F64, form)
         shift = solve(factor, values)
-        grad_values, grad_log_lam = solve_backward(factor, shift, weight)
+        grad_values, grad_log_lam, no_mu = solve_backward(factor, shift, weight)
         assert torch.allclose(grad_values, v.grad, atol=1e-10), form
         assert torch.allclose(grad_log_lam, ll.grad, atol=1e-10), form
+        assert no_mu is None
 
 
 @pytest.mark.parametrize("form", ["keys", "tokens"])
@@ -62,13 +63,69 @@ def test_backward_against_finite_differences():
         return (solve(factorize(keys, ll.exp(), F64), v) * weight).sum()
 
     factor = factorize(keys, log_lam.exp(), F64)
-    grad_values, grad_log_lam = solve_backward(factor, solve(factor, values), weight)
+    grad_values, grad_log_lam, _ = solve_backward(factor, solve(factor, values), weight)
     bump = torch.zeros_like(values)
     bump[3, 2] = eps
     fd = (loss(values + bump, log_lam) - loss(values - bump, log_lam)) / (2 * eps)
     assert torch.allclose(fd, grad_values[3, 2], atol=1e-7)
     fd = (loss(values, log_lam + eps) - loss(values, log_lam - eps)) / (2 * eps)
     assert torch.allclose(fd, grad_log_lam, atol=1e-7)
+
+
+def prior_of(d_k=12, seed=1):
+    x = torch.randn(40, d_k, generator=torch.Generator().manual_seed(seed), dtype=F64)
+    return x.T @ x / 40
+
+
+def test_key_prior_solve_and_backward():
+    """A = K^T K + lam I + mu C: the solve matches the normal equations, the analytic backward
+    (values, log lam, log mu) matches autograd, and the Function passes gradcheck."""
+    keys, values, weight = problem(4)  # n < d_k: the prior still forces the d_k x d_k form
+    prior = prior_of()
+    v = values.clone().requires_grad_()
+    ll = torch.tensor(-0.3, dtype=F64, requires_grad=True)
+    lm = torch.tensor(0.5, dtype=F64, requires_grad=True)
+    expected = torch.linalg.solve(keys.T @ keys + ll.exp() * torch.eye(12, dtype=F64)
+                                  + lm.exp() * prior, keys.T @ v)
+    (expected * weight).sum().backward()
+    factor = factorize(keys, ll.exp().detach(), F64, prior=prior, mu=lm.exp().detach())
+    assert not factor.small
+    shift = solve(factor, values)
+    assert torch.allclose(shift, expected.detach(), atol=1e-10)
+    grads = solve_backward(factor, shift, weight)
+    for analytic, auto in zip(grads, (v.grad, ll.grad, lm.grad)):
+        assert torch.allclose(analytic, auto, atol=1e-10)
+    assert torch.autograd.gradcheck(
+        lambda v, a, b: least_squares(keys, v, a, F64, prior=prior, log_mu=b),
+        (values.clone().requires_grad_(), ll.detach().clone().requires_grad_(),
+         lm.detach().clone().requires_grad_()))
+    with pytest.raises(ValueError, match="d_k x d_k form"):
+        factorize(keys, 1.0, F64, "tokens", prior=prior, mu=1.0)
+    with pytest.raises(ValueError, match="key prior must be"):
+        factorize(keys, 1.0, F64, prior=prior[:5, :5], mu=1.0)
+
+
+def test_key_prior_keeps_outputs_on_its_keys():
+    """The larger mu, the less the shift moves outputs on the prior's keys (and the
+    network's log mu gets a gradient); a MEND network cannot hold a prior."""
+    keys, grads, _ = problem(30)
+    loc = torch.randn(40, 12, generator=torch.Generator().manual_seed(1), dtype=F64)
+    moved = []
+    for log_mu in (-5.0, 0.0, 5.0):
+        net = HyperNetwork({"a": (12, 5)}, rank=4, lr=0.1, prior=True, log_mu=log_mu).double()
+        net.set_prior("a", loc.T @ loc / 40)
+        shift = net.shift("a", keys, grads, F64)
+        moved.append((loc @ shift).norm().item())
+        shift.sum().backward()
+        assert net.net("a").log_mu.grad.abs().sum() > 0
+    assert moved[0] > moved[1] > moved[2]
+    assert net.has_prior and not HyperNetwork({"a": (12, 5)}).has_prior
+    with pytest.raises(ValueError, match="must be 12 x 12"):
+        net.set_prior("a", torch.eye(5))
+    with pytest.raises(ValueError, match="needs the least-squares solve"):
+        HyperNetwork({"a": (12, 5)}, rule="mend", prior=True)
+    with pytest.raises(ValueError, match="no key prior"):
+        HyperNetwork({"a": (12, 5)}).set_prior("a", torch.eye(12))
 
 
 def test_float32_solve_is_close_to_float64():

@@ -68,3 +68,32 @@ def test_checkpoint_holds_no_pickle_and_loads_with_safetensors(tmp_path):
     assert any(k.startswith("optim.") for k in keys)
     assert any(k.endswith("norm.mean") for k in keys)  # normaliser state is saved
     assert meta["step"] == 5 and meta["rule"] == "mend" and meta["model"] == "tiny-gpt2"
+
+
+def test_key_prior_is_trained_saved_and_used_by_the_api(tmp_path):
+    """editor.prior=true: the prior is the second moment of the edited modules' keys on the
+    locality answers, log mu is learned, and the Editor API loads and uses both."""
+    import torch
+    from safetensors.torch import load_file
+
+    from editor.api import Editor
+    from editor.data import load_facts
+
+    train(tmp_path, "run", "model=tiny-llama", "train.steps=10", "editor.prior=true",
+          "editor.log_mu=0.0")
+    ckpt = tmp_path / "run" / "checkpoint.safetensors"
+    tensors = load_file(str(ckpt))
+    prior = tensors["hypernet.nets.256x64.prior"]
+    assert prior.shape == (2, 256, 256) and torch.allclose(prior, prior.transpose(1, 2))
+    assert (torch.linalg.eigvalsh(prior) > -1e-4).all() and prior.abs().sum() > 0
+    assert (tensors["hypernet.nets.256x64.log_mu"] != 0).all()  # learned
+    ed = Editor.from_pretrained("tiny-llama", ckpt)
+    net = ed.shifter.hypernet.nets["256x64"]
+    assert torch.equal(net.prior, prior)
+    facts = list(load_facts("zsre", "test", limit=4))
+    shifted = ed.shifter.compute_shifts(ed.shifter.batch(facts))
+    net.log_mu.data += 20  # a huge mu: outputs on the prior's keys barely move
+    frozen = ed.shifter.compute_shifts(ed.shifter.batch(facts))
+    for name, s in shifted.items():
+        c = net.prior[ed.shifter.hypernet.index[name]]
+        assert torch.trace(frozen[name].T @ c @ frozen[name]) < 0.1 * torch.trace(s.T @ c @ s)

@@ -21,9 +21,10 @@ No evaluation prompt (AdvBench, XSTest, IFEval) is used: the loaders exclude the
 Blocks below `train_from_layer` stay frozen, so the hidden state entering that block is
 computed once per example (the toolkit's hidden-state cache) and only the top blocks run
 while training: all their weights and the final norm, or (`lora_rank` > 0) LoRA adapters
-(peft) on their linear layers, merged back into the weights afterwards. With `kl_coef`,
-the helpful answers learn the base model's next-token distribution (its top `kl_top_k`
-tokens, cached once before training) instead of its greedy token. The result is a test bed
+(peft) on their linear layers, merged back into the weights afterwards. With `kl_coef`
+(default 5; 0 turns it off), the helpful answers learn the base model's next-token
+distribution (its top `kl_top_k` tokens, cached once before training) instead of its
+greedy token, which keeps instruction following closer to the base model's. The result is a test bed
 for harmlessness experiments, not a safe model.
 """
 
@@ -131,7 +132,7 @@ class SafetyRecipe:
     warmup: float = 0.1           # fraction of steps with a linear warm-up; cosine after
     decision_tokens: int = 3      # the first answer tokens, where a refusal is decided ...
     decision_coef: float = 1.0    # ... get this extra weight in the loss (sft_loss)
-    kl_coef: float = 0.0          # > 0: helpful answers learn the base model's distribution
+    kl_coef: float = 5.0          # > 0: helpful answers learn the base model's distribution
     kl_top_k: int = 32            # (its top k tokens, the rest as one outcome: `kl_top`;
                                   # k >= vocabulary size: the exact KL)
 

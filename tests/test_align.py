@@ -59,8 +59,9 @@ def test_recipe_digest_names_fields_and_hand_written_text(monkeypatch):
     assert default == align.SafetyRecipe().digest() != align.SafetyRecipe(epochs=1).digest()
     assert align.SafetyRecipe(lora_rank=16).digest() != default
     assert align.SafetyRecipe(lora_alpha=8).digest() == default  # no adapters: no change
-    assert align.SafetyRecipe(kl_coef=0.0).digest() == default  # no KL term: no change
     assert align.SafetyRecipe(kl_coef=1).digest() != default
+    no_kl = align.SafetyRecipe(kl_coef=0.0).digest()  # no KL term: its k does not count
+    assert no_kl != default and align.SafetyRecipe(kl_coef=0.0, kl_top_k=7).digest() == no_kl
     monkeypatch.setattr(align, "REFUSALS", align.REFUSALS[:-1])
     assert align.SafetyRecipe().digest() != default
 
@@ -168,7 +169,7 @@ def test_kl_term_keeps_the_helpful_answers_closer_to_the_base_model():
         return kl_before_after(before, forward(model, batch)[0]).item()
 
     small = {**TINY, "n_benign": 8}
-    plain = helpful_kl(SafetyRecipe(**small))
+    plain = helpful_kl(SafetyRecipe(**small, kl_coef=0.0))
     # a random model's distributions are nearly flat: the exact KL (all tokens), a large weight
     with_kl = helpful_kl(SafetyRecipe(**small, kl_coef=100, kl_top_k=10**9))
     assert 0 < with_kl < 0.6 * plain

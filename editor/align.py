@@ -24,8 +24,8 @@ while training: all their weights and the final norm, or (`lora_rank` > 0) LoRA 
 (peft) on their linear layers, merged back into the weights afterwards. With `kl_coef`
 (default 5; 0 turns it off), the helpful answers learn the base model's next-token
 distribution (its top `kl_top_k` tokens, cached once before training) instead of its
-greedy token, which keeps instruction following closer to the base model's. The result is a test bed
-for harmlessness experiments, not a safe model.
+greedy token, which keeps instruction following closer to the base model's. The result
+is a test bed for harmlessness experiments, not a safe model.
 """
 
 from __future__ import annotations

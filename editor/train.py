@@ -48,7 +48,7 @@ class MetaTrainer:
     def __init__(self, editor: HyperEditor, data: TrainData, cfg, loc_cfg, seed: int = 0):
         self.editor, self.data, self.cfg, self.loc, self.seed = editor, data, cfg, loc_cfg, seed
         self.hypernet = editor.hypernet
-        # the per-layer log step sizes and log lambdas get their own learning rate
+        # the per-layer log step sizes, log lambdas (and log mus) get their own learning rate
         is_scalar = {True: [], False: []}
         for name, p in self.hypernet.named_parameters():
             is_scalar[name.endswith(("log_lr", "log_lam", "log_mu"))].append(p)

@@ -72,16 +72,17 @@ def test_backward_against_finite_differences():
     assert torch.allclose(fd, grad_log_lam, atol=1e-7)
 
 
-def prior_of(d_k=12, seed=1):
+def unrelated_keys(d_k=12, seed=1):
+    """40 keys of unrelated text and their second moment C (a key prior)."""
     x = torch.randn(40, d_k, generator=torch.Generator().manual_seed(seed), dtype=F64)
-    return x.T @ x / 40
+    return x, x.T @ x / 40
 
 
 def test_key_prior_solve_and_backward():
     """A = K^T K + lam I + mu C: the solve matches the normal equations, the analytic backward
     (values, log lam, log mu) matches autograd, and the Function passes gradcheck."""
     keys, values, weight = problem(4)  # n < d_k: the prior still forces the d_k x d_k form
-    prior = prior_of()
+    _, prior = unrelated_keys()
     v = values.clone().requires_grad_()
     ll = torch.tensor(-0.3, dtype=F64, requires_grad=True)
     lm = torch.tensor(0.5, dtype=F64, requires_grad=True)
@@ -109,11 +110,11 @@ def test_key_prior_keeps_outputs_on_its_keys():
     """The larger mu, the less the shift moves outputs on the prior's keys (and the
     network's log mu gets a gradient); a MEND network cannot hold a prior."""
     keys, grads, _ = problem(30)
-    loc = torch.randn(40, 12, generator=torch.Generator().manual_seed(1), dtype=F64)
+    loc, prior = unrelated_keys()
     moved = []
     for log_mu in (-5.0, 0.0, 5.0):
         net = HyperNetwork({"a": (12, 5)}, rank=4, lr=0.1, prior=True, log_mu=log_mu).double()
-        net.set_prior("a", loc.T @ loc / 40)
+        net.set_prior("a", prior)
         shift = net.shift("a", keys, grads, F64)
         moved.append((loc @ shift).norm().item())
         shift.sum().backward()

@@ -1,6 +1,8 @@
 """Locality conversations for meta-training (DESIGN.md section 4).
 
 - nq: the facts' unrelated questions (zsRE's NQ questions) with their dataset answers;
+- subject: per fact, another fact's question asked about this fact's subject (the same
+  subject in another relation), answered by the base model's own greedy response;
 - instruction: self-instruct prompts answered by the base model's own greedy responses;
 - harmful: hh-rlhf harmful requests answered by the base model's own greedy responses;
 - question (used by the safety recipe, editor.align): the NQ questions alone, answered
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 
 from .chat import encode_pair, generate
 from .data import load_facts, load_harmful_requests, load_instructions
@@ -62,6 +65,37 @@ def responses(model, tokenizer, prompts: list[str], max_new_tokens: int, system,
     pairs = [{"prompt": p, "response": r} for p, r in zip(prompts, answers) if r.strip()]
     write_atomic(path, json.dumps(pairs, indent=1))
     return pairs
+
+
+def subject_prompts(facts, seed: int = 0) -> list[str | None]:
+    """Per fact, a question about its subject in another relation: another fact's question
+    with that fact's subject replaced by this one's (None when the fact has no subject or
+    no other question template applies)."""
+    def template(f):
+        subject = f["subject"]
+        return f["prompt"].replace(subject, "{}") if subject and subject in f["prompt"] else None
+
+    templates = sorted({t for t in map(template, facts) if t})
+    rng = random.Random(seed)
+    out = []
+    for f in facts:
+        others = [t for t in rng.sample(templates, min(4, len(templates))) if t != template(f)]
+        out.append(others[0].replace("{}", f["subject"]) if f["subject"] and others else None)
+    return out
+
+
+def subject_rows(model, tokenizer, facts, max_new_tokens: int, system=None,
+                 seed: int = 0) -> list[dict | None]:
+    """Per fact, its `subject_prompts` question answered by `model` greedily (cached), as
+    an encoded row; None where the fact has no such question or the answer is empty."""
+    prompts = subject_prompts(facts, seed)
+    asked = [p for p in prompts if p]
+    key = json.dumps([asked, max_new_tokens, system or "default"])
+    name = f"subject-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+    pairs = responses(model, tokenizer, asked, max_new_tokens, system, name)
+    answer = {p["prompt"]: p["response"] for p in pairs}
+    return [encode_pair(tokenizer, p, answer[p], system) if p in answer else None
+            for p in prompts]
 
 
 def conversation_rows(tokenizer, pairs: list[dict], system=None) -> list[dict]:

@@ -28,7 +28,7 @@ from . import checkpoint
 from .editors import HyperEditor
 from .lm import (capture, forward, key_moments, kl_before_after, logits_before, padded,
                  stack_captured, with_capture, with_final, with_hidden)
-from .locality import base_responses, conversation_rows
+from .locality import base_responses, conversation_rows, subject_rows
 from .metrics import conversations, edit_metrics, fact_row, fact_rows
 from .models import kv_shape, to_kv
 
@@ -40,8 +40,12 @@ class TrainData:
     edit: list[dict]
     rephrase: list[dict]
     nq: list[dict | None]
+    subject: list[dict | None] = field(default_factory=list)     # aligned with edit, or empty
     pools: dict[str, list[dict]] = field(default_factory=dict)  # instruction, harmful
     val: dict[str, list[dict]] = field(default_factory=dict)    # edit, rephrase, loc
+
+
+PER_FACT, POOLS = ("nq", "subject"), ("instruction", "harmful")  # locality sources
 
 
 class MetaTrainer:
@@ -55,8 +59,8 @@ class MetaTrainer:
         self.opt = torch.optim.Adam([{"params": is_scalar[False], "lr": cfg.meta_lr},
                                      {"params": is_scalar[True], "lr": cfg.scalar_lr}])
         self.step_count, self.history = 0, []
-        self.coefs = {s: float(loc_cfg[s]) for s in ("nq", "instruction", "harmful")
-                      if float(loc_cfg[s]) > 0}
+        self.coefs = {s: float(loc_cfg.get(s, 0)) for s in PER_FACT + POOLS
+                      if float(loc_cfg.get(s, 0)) > 0}
 
     # ------------------------------------------------------------- batches
     def fact_indices(self, step: int) -> list[int]:
@@ -70,9 +74,11 @@ class MetaTrainer:
     def loc_rows(self, step: int, idx: list[int]) -> dict[str, list[dict]]:
         g = torch.Generator().manual_seed(self.seed * 100003 + step)
         rows = {}
-        if "nq" in self.coefs:
-            rows["nq"] = [self.data.nq[i] for i in idx if self.data.nq[i] is not None]
-        for source in ("instruction", "harmful"):
+        for source in PER_FACT:  # the step's own facts
+            if source in self.coefs:
+                per_fact = getattr(self.data, source)
+                rows[source] = [per_fact[i] for i in idx if per_fact[i] is not None]
+        for source in POOLS:  # random draws
             if source in self.coefs:
                 pool = self.data.pools[source]
                 pick = torch.randperm(len(pool), generator=g)[: self.loc[f"n_{source}"]]
@@ -176,11 +182,13 @@ def prepare_data(editor, train_facts, val_facts, loc_cfg, use_cache: bool, batch
                      rephrase=conversations(tok, facts, "rephrase", system),
                      nq=[fact_row(tok, f, "loc", system) for f in facts],
                      val=fact_rows(tok, val_facts, system))
-    for source in ("instruction", "harmful"):
+    for source in POOLS:
         if loc_cfg is not None and float(loc_cfg[source]) > 0:
             pairs = base_responses(model, tok, source, loc_cfg.pool_size, loc_cfg.response_tokens,
                                    loc_cfg.max_prompt_chars, system)
             data.pools[source] = conversation_rows(tok, pairs, system)
+    if loc_cfg is not None and float(loc_cfg.get("subject", 0)) > 0:
+        data.subject = subject_rows(model, tok, facts, loc_cfg.subject_tokens, system)
     if use_cache:
         def cached(rs):
             return with_hidden(model, tok, rs, editor.first, batch_size, progress=True)
@@ -192,10 +200,12 @@ def prepare_data(editor, train_facts, val_facts, loc_cfg, use_cache: bool, batch
                                  batch_size, progress=True)
         data.rephrase = cached(data.rephrase)
         data.nq = final(cached(data.nq))
+        data.subject = final(cached(data.subject)) if data.subject else []
         data.pools = {s: final(cached(r)) for s, r in data.pools.items()}
         data.val = {k: cached(r) for k, r in data.val.items()}
     if loc_cfg is not None and editor.hypernet.has_prior:  # keys of the unrelated answers
-        loc_rows = [r for r in data.nq if r is not None] + sum(data.pools.values(), [])
+        loc_rows = [r for r in data.nq + data.subject if r is not None]
+        loc_rows += sum(data.pools.values(), [])
         moments = key_moments(model, tok, loc_rows, editor.modules, editor.first, batch_size,
                               progress=True)
         for name, c in moments.items():

@@ -142,6 +142,25 @@ def test_locality_prompt_loaders():
     assert len(with_input) > 50  # instruction + its input
 
 
+def test_subject_prompts_ask_about_the_same_subject_in_another_relation():
+    from editor.locality import subject_prompts
+
+    facts = list(load_facts("zsre", "train"))
+    prompts = subject_prompts(facts)
+    assert prompts == subject_prompts(facts)  # seeded
+    asked = [(f, p) for f, p in zip(facts, prompts) if p is not None]
+    assert len(asked) > 0.9 * len(facts)
+    questions = {f["prompt"] for f in facts}
+    for f, p in asked:
+        assert f["subject"] in p and p != f["prompt"]
+    # each is another fact's question with the subject swapped in
+    templates = {f["prompt"].replace(f["subject"], "{}") for f in facts if f["subject"]}
+    assert all(p.replace(f["subject"], "{}") in templates for f, p in asked)
+    assert len({p for _, p in asked} - questions) > 0.9 * len(asked)
+    none = subject_prompts([{"prompt": "What is x?", "subject": ""}])
+    assert none == [None]
+
+
 def test_evaluation_loaders():
     ifeval = load_ifeval()
     assert len(ifeval) == 541 and len(load_ifeval(limit=10)) == 10

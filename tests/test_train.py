@@ -72,7 +72,8 @@ def test_checkpoint_holds_no_pickle_and_loads_with_safetensors(tmp_path):
 
 def test_key_prior_is_trained_saved_and_used_by_the_api(tmp_path):
     """editor.prior=true: the prior is the second moment of the edited modules' keys on the
-    locality answers, log mu is learned, and the Editor API loads and uses both."""
+    locality answers (here with the subject source too), log mu is learned, and the Editor
+    API loads and uses both."""
     import torch
     from safetensors.torch import load_file
 
@@ -80,7 +81,10 @@ def test_key_prior_is_trained_saved_and_used_by_the_api(tmp_path):
     from editor.data import load_facts
 
     train(tmp_path, "run", "model=tiny-llama", "train.steps=10", "editor.prior=true",
-          "editor.log_mu=0.0")
+          "editor.log_mu=0.0", "locality.subject=1.0", "locality.subject_tokens=4")
+    steps = [r for r in history(tmp_path / "run" / "history.jsonl") if r["step"] > 0]
+    assert all("loc_subject" in r for r in steps)  # the subject locality source is used
+    assert max(r["loc_subject"] for r in steps) > 0
     ckpt = tmp_path / "run" / "checkpoint.safetensors"
     tensors = load_file(str(ckpt))
     prior = tensors["hypernet.nets.256x64.prior"]

@@ -28,7 +28,7 @@ from . import checkpoint
 from .behaviour import exact_match
 from .chat import encode_pair, generate
 from .data import Fact
-from .editors import BaseEditor, FTEditor, HyperEditor
+from .editors import BaseEditor, FTEditor, HyperEditor, hyper_options
 from .lm import padded
 from .metrics import accuracy, predictions
 from .models import DTYPES, default_edit, edit_modules, kv_shape, load_model
@@ -41,7 +41,7 @@ EDITS_FILE = "edits.safetensors"
 class FactResult:
     prompt: str
     target: str
-    token_accuracy: float   # teacher-forced: target tokens (and end of turn) predicted
+    token_accuracy: float   # teacher-forced: share of the target's tokens predicted
     answer: str             # greedy answer after the edit
     exact_match: bool       # normalised answer == normalised target
 
@@ -139,7 +139,8 @@ class Editor:
         scripts/train.py (MALMEN or MEND); None gives the fine-tuning baseline.
 
         Overrides: dtype, device (loading by name); system (system prompt), solve_dtype
-        ("float32"/"float64"), answer_tokens; without a checkpoint: module and layers
+        ("float32"/"float64"), step_scale (a test-time multiplier of the learned step size),
+        answer_tokens; without a checkpoint: module and layers
         (default `models.default_edit`), steps and lr of the fine-tuning baseline.
         `strict=False` allows a checkpoint trained on a model of another name (same modules)."""
         meta, tensors = {}, {}
@@ -198,10 +199,11 @@ class Editor:
                              f"{shapes} (mismatched: {wrong[:3]})")
         hypernet.load_state_dict(state)
         hypernet.to(next(model.parameters()).device)
-        solve = overrides.pop("solve_dtype", meta["config"]["editor"].get("solve_dtype",
-                                                                          "float32"))
-        return HyperEditor(model, tokenizer, modules, hypernet, system, solve_dtype=DTYPES[solve]
-                           if isinstance(solve, str) else solve)
+        options = hyper_options(meta["config"]["editor"])
+        solve = overrides.pop("solve_dtype", options["solve_dtype"])
+        options["solve_dtype"] = DTYPES[solve] if isinstance(solve, str) else solve
+        options["step_scale"] = float(overrides.pop("step_scale", 1.0))
+        return HyperEditor(model, tokenizer, modules, hypernet, system, **options)
 
     # -------------------------------------------------------------- editing
     @property

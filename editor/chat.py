@@ -5,7 +5,8 @@ With a chat template (system prompt included when the template has one):
               labels = -100              labels = token ids
 Without one (base models): `prompt + " " + answer`, labels on the answer tokens.
 
-The label mask covers exactly the answer tokens plus the end-of-turn token. Tokens are
+The label mask covers exactly the answer tokens plus the end-of-turn token (trained on, so
+the model learns to stop; the edit metrics count the answer tokens only, `answer_mask`). Tokens are
 found by character offsets of one joint tokenisation, so the prompt part is tokenised
 exactly as it is for generation (`encode_prompt`).
 """
@@ -72,7 +73,8 @@ def _answer_span(tokenizer, prompt: str, answer: str, system: str | None):
 def encode_pair(tokenizer, prompt: str, answer: str, system: str | None = None,
                 max_length: int | None = None) -> dict:
     """Tokenise one conversation. Returns input_ids, labels (IGNORE outside the answer and its
-    end-of-turn token) and `answer_start`, the index of the first answer token."""
+    end-of-turn token), `answer_start`, the index of the first answer token, and `eot`,
+    whether the last label is an end-of-turn token (not part of the answer)."""
     _check_text(answer, "target")
     text, start, end, has_eot = _answer_span(tokenizer, prompt, answer, system)
     enc = tokenizer(text, add_special_tokens=not has_template(tokenizer),
@@ -96,7 +98,8 @@ def encode_pair(tokenizer, prompt: str, answer: str, system: str | None = None,
     if max_length is not None and len(ids) > max_length:
         raise ValueError(f"conversation is {len(ids)} tokens, longer than the model's context of "
                          f"{max_length}: {prompt[:80]!r}")
-    return {"input_ids": ids, "labels": labels, "answer_start": answer_idx[0]}
+    return {"input_ids": ids, "labels": labels, "answer_start": answer_idx[0],
+            "eot": has_template(tokenizer)}
 
 
 def pad(tokenizer, rows: list[dict], side: str = "right") -> dict[str, torch.Tensor]:
@@ -123,6 +126,8 @@ def pad(tokenizer, rows: list[dict], side: str = "right") -> dict[str, torch.Ten
     if "labels" in rows[0]:
         out["labels"] = [fill(r["labels"], IGNORE) for r in rows]
     batch = {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
+    if "eot" in rows[0]:  # per row: its last label is the end-of-turn token
+        batch["eot"] = torch.tensor([bool(r.get("eot")) for r in rows])
     if "hidden" in rows[0]:  # cached hidden states (T_i x d), zero-padded like the ids
         hidden = torch.zeros(len(rows), width, rows[0]["hidden"].shape[-1])
         for i, r in enumerate(rows):
@@ -132,6 +137,18 @@ def pad(tokenizer, rows: list[dict], side: str = "right") -> dict[str, torch.Ten
     if "final" in rows[0]:  # cached last hidden states at the label positions, row after row
         batch["final"] = torch.cat([r["final"] for r in rows])
     return batch
+
+
+def answer_mask(batch) -> torch.Tensor:
+    """B x (T-1) mask of the positions that predict an answer token: the label positions
+    without each row's end-of-turn label (rows of `eot` batches)."""
+    mask = batch["labels"][:, 1:] != IGNORE
+    if "eot" in batch:
+        mask = mask.clone()
+        last = mask.shape[1] - 1 - mask.flip(1).int().argmax(1)  # last label per row
+        drop = batch["eot"].to(mask.device) & mask.any(1)
+        mask[drop.nonzero().squeeze(1), last[drop]] = False
+    return mask
 
 
 def encode_facts(tokenizer, facts, system: str | None = None) -> dict[str, torch.Tensor]:

@@ -19,6 +19,7 @@ import csv
 import gzip
 import json
 import random
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -44,6 +45,9 @@ FACT_DATASETS = {
                     "test": "counterfact/counterfact_500.json"},
 }
 SPLITS = ("train", "validation", "test")
+# name -> named datasets pooled split by split (validation and train shuffled together,
+# seeded; test in order); `val_size` may then map each part to its own validation size
+MIXED = {"mixed": ("zsre", "counterfact")}
 
 
 @dataclass
@@ -237,15 +241,23 @@ def split_groups(facts: list[Fact], val_size: int, seed: int) -> tuple[list[Fact
     return [facts[i] for i in sorted(train)], [facts[i] for i in sorted(val)]
 
 
-def load_facts(name_or_path: str, split: str = "train", val_size: int = 128, seed: int = 0,
-               limit: int | None = None) -> datasets.Dataset:
+def load_facts(name_or_path: str, split: str = "train", val_size: int | Mapping = 128,
+               seed: int = 0, limit: int | None = None) -> datasets.Dataset:
     """Facts of a named dataset (`FACT_DATASETS`), a JSON/JSONL file or a hub dataset.
 
-    Named datasets have train/validation/test splits (module docstring). A file has
+    Named datasets have train/validation/test splits (module docstring); `MIXED` names pool
+    them (`val_size` an int for each part or a mapping part -> size). A file has
     train/validation (the same seeded split) and "all". A hub dataset takes `split` as the
     hub's split name.
     """
-    if name_or_path in FACT_DATASETS:
+    if name_or_path in MIXED:
+        facts = []
+        for part in MIXED[name_or_path]:
+            size = val_size[part] if isinstance(val_size, Mapping) else val_size
+            facts += as_facts(load_facts(part, split, size, seed))
+        if split != "test":
+            random.Random(seed).shuffle(facts)
+    elif name_or_path in FACT_DATASETS:
         files = FACT_DATASETS[name_or_path]
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r} of {name_or_path}; choose one of {SPLITS}")

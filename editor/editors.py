@@ -18,7 +18,7 @@ from hypernet import HyperNetwork
 
 from .chat import encode_facts
 from .lm import capture, first_block, forward, row_chunks
-from .models import kv_shape, set_weight_kv, weight_kv
+from .models import DTYPES, kv_shape, set_weight_kv, weight_kv
 
 
 class BaseEditor:
@@ -70,17 +70,32 @@ class NoEditor(BaseEditor):
         return {n: torch.zeros_like(w) for n, w in self.master.items()}
 
 
+def hyper_options(editor_cfg) -> dict:
+    """HyperEditor's keyword arguments from an editor config (conf/editor/*.yaml, or the
+    one a checkpoint carries; older checkpoints lack the newer keys)."""
+    get = editor_cfg.get
+    return {"solve_dtype": DTYPES[get("solve_dtype", "float32")],
+            "hyper_chunk": get("hyper_chunk", 1024), "eot_rows": get("eot_rows", True)}
+
+
 class HyperEditor(BaseEditor):
-    """MALMEN or MEND (the hypernetwork's `rule`)."""
+    """MALMEN or MEND (the hypernetwork's `rule`).
+
+    chunk_size: facts per capture forward/backward; hyper_chunk: key rows per hypernetwork
+    forward (memory stays bounded at any number of facts); eot_rows: whether the rows that
+    predict the end-of-turn token enter K and D; step_scale: a test-time multiplier of the
+    shift (MALMEN's S is linear in D, so this scales the learned step size eta)."""
 
     def __init__(self, model, tokenizer, modules, hypernet: HyperNetwork, system=None,
-                 solve_dtype=torch.float32, chunk_size: int = 128):
+                 solve_dtype=torch.float32, chunk_size: int = 128, hyper_chunk: int = 4096,
+                 eot_rows: bool = True, step_scale: float = 1.0):
         super().__init__(model, tokenizer, modules, system)
         self.hypernet, self.solve_dtype, self.chunk_size = hypernet, solve_dtype, chunk_size
+        self.hyper_chunk, self.eot_rows, self.step_scale = hyper_chunk, eot_rows, step_scale
 
     def capture(self, batch):
         """Keys and value gradients of all facts, captured `chunk_size` facts at a time."""
-        parts = [capture(self.model, self.modules, b, self.first)[0]
+        parts = [capture(self.model, self.modules, b, self.first, eot_rows=self.eot_rows)[0]
                  for b in row_chunks(batch, self.chunk_size)]
         return {n: (torch.cat([p[n][0] for p in parts]), torch.cat([p[n][1] for p in parts]))
                 for n in self.modules}
@@ -88,7 +103,8 @@ class HyperEditor(BaseEditor):
     def compute_shifts(self, batch, captured=None):
         captured = captured if captured is not None else self.capture(batch)
         with torch.no_grad():
-            return {name: self.hypernet.shift(name, k, d, self.solve_dtype)
+            return {name: self.step_scale * self.hypernet.shift(name, k, d, self.solve_dtype,
+                                                                self.hyper_chunk)
                     for name, (k, d) in captured.items()}
 
 

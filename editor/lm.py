@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .chat import IGNORE, pad
+from .chat import IGNORE, answer_mask, pad
 from .models import blocks
 
 
@@ -38,7 +38,7 @@ def row_chunks(batch: dict, size: int):
     for i in range(0, n, size):
         part = {k: v[i:i + size] for k, v in batch.items()}
         width = int(part["attention_mask"].sum(1).max())
-        yield {k: v[:, :width] for k, v in part.items()}
+        yield {k: v[:, :width] if v.ndim > 1 else v for k, v in part.items()}
 
 
 def with_hidden(model, tokenizer, rows: list[dict | None], first: int, batch_size: int = 32,
@@ -185,20 +185,22 @@ def logits_before(model, batch, first: int | None = None) -> torch.Tensor:
     return forward(model, batch, first)[0]
 
 
-def kl_before_after(logits_before, logits_after) -> torch.Tensor:
-    """KL(p_before || p_after), mean over tokens."""
+def kl_before_after(logits_before, logits_after, reduction: str = "mean") -> torch.Tensor:
+    """KL(p_before || p_after) per token, averaged ("mean") or summed ("sum")."""
     log_p = F.log_softmax(logits_before, -1)
     log_q = F.log_softmax(logits_after, -1)
-    return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    return kl.mean() if reduction == "mean" else kl.sum()
 
 
 def with_capture(model, tokenizer, rows: list[dict], modules: dict, first: int | None = None,
-                 batch_size: int = 32, progress: bool = False) -> list[dict]:
+                 batch_size: int = 32, progress: bool = False,
+                 eot_rows: bool = True) -> list[dict]:
     """Copies of encoded rows with `captured` ({name: (K_i, Delta_i)}, float32 on the CPU)
     and `loss` (the row's summed fine-tuning loss): `capture` of the unedited model, once."""
     out = [None] * len(rows)
     for idx, batch in by_length(model, tokenizer, rows, batch_size, "capture cache", progress):
-        captured, _ = capture(model, modules, batch, first, per_row=True)
+        captured, _ = capture(model, modules, batch, first, per_row=True, eot_rows=eot_rows)
         for b, j in enumerate(idx):
             out[j] = {**rows[j], "captured": {n: (k[b], d[b]) for n, (k, d, _) in captured.items()},
                       "loss": next(iter(captured.values()))[2][b]}
@@ -242,9 +244,11 @@ def stack_captured(rows: list[dict], device) -> tuple[dict, torch.Tensor]:
     return out, torch.stack([r["loss"] for r in rows]).sum()
 
 
-def capture(model, modules: dict, batch, first: int | None = None, per_row: bool = False):
+def capture(model, modules: dict, batch, first: int | None = None, per_row: bool = False,
+            eot_rows: bool = True):
     """Keys and value gradients of the fine-tuning loss (summed cross-entropy of the labels)
-    at the positions that predict a label, for each edited module.
+    at the positions that predict a label, for each edited module; with `eot_rows=False`,
+    not at the positions that predict the end-of-turn token (the loss still counts it).
 
     Returns ({name: (K [n x d_k], Delta [n x d_v])}, loss). No parameter gets a gradient.
     With `per_row`, each module maps to (K rows, Delta rows, per-row losses), split by row
@@ -270,7 +274,7 @@ def capture(model, modules: dict, batch, first: int | None = None, per_row: bool
     finally:
         for h in handles:
             h.remove()
-    mask = batch["labels"][:, 1:] != IGNORE
+    mask = batch["labels"][:, 1:] != IGNORE if eot_rows else answer_mask(batch)
     out = {}
     for name, (keys, values) in store.items():
         out[name] = (keys[:, :-1][mask].float(), values.grad[:, :-1][mask].float())

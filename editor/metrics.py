@@ -1,9 +1,15 @@
-"""Teacher-forced edit metrics (MALMEN's definitions), for N facts edited at once.
+"""Edit metrics (MALMEN's and MEND's definitions), for N facts edited at once.
 
-ES: token accuracy of the target (and its end-of-turn token) on the edit prompt;
-GS: the same on the first rephrase; LS: agreement of the edited model's argmax with the
-unedited model's on the facts' unrelated (locality) prompts, at their answer tokens.
-All are means over facts of per-fact token means.
+Teacher-forced, over the answer tokens only (the end-of-turn token that follows a chat
+answer is trained on but not counted: every edit would "predict" it for free):
+- ES: token accuracy of the target on the edit prompt; ES_strict: the share of facts whose
+  answer tokens are all right (MEND's definition);
+- GS, GS_strict: the same on the first rephrase;
+- LS: agreement of the edited model's argmax with the unedited model's on the facts'
+  unrelated (locality) prompts, at their answer tokens.
+Means over facts of per-fact values. By generation (`generation_metrics`): ES_gen / GS_gen,
+the share of greedy answers to the prompt / rephrase that equal the target after
+normalisation (`behaviour.exact_match`).
 """
 
 from __future__ import annotations
@@ -12,8 +18,11 @@ import time
 
 import torch
 
-from .chat import encode_pair
+from .behaviour import exact_match
+from .chat import encode_pair, generate
 from .lm import by_length, forward, padded
+
+KINDS = ("edit", "rephrase", "loc")
 
 
 def fact_row(tokenizer, fact, kind: str, system=None) -> dict | None:
@@ -27,35 +36,53 @@ def fact_row(tokenizer, fact, kind: str, system=None) -> dict | None:
     if kind == "loc":
         return (encode_pair(tokenizer, fact["loc_prompts"][0], fact["loc_answers"][0], system)
                 if fact["loc_prompts"] else None)
-    raise ValueError(f"unknown row kind {kind!r}; choose 'edit', 'rephrase' or 'loc'")
+    raise ValueError(f"unknown row kind {kind!r}; choose one of {KINDS}")
 
 
 def conversations(tokenizer, facts, kind: str, system=None) -> list[dict]:
     """Encoded rows of `kind` for the facts that have one."""
-    rows = (fact_row(tokenizer, f, kind, system) for f in facts)
+    return present(fact_row(tokenizer, f, kind, system) for f in facts)
+
+
+def fact_rows(tokenizer, facts, system=None) -> dict[str, list[dict | None]]:
+    """{kind: one row per fact (None where the fact has no rephrase / locality prompt)}:
+    aligned lists, so the first n facts are `sliced(rows, n)`."""
+    return {k: [fact_row(tokenizer, f, k, system) for f in facts] for k in KINDS}
+
+
+def present(rows) -> list:
     return [r for r in rows if r is not None]
 
 
-def fact_rows(tokenizer, facts, system=None) -> dict[str, list[dict]]:
-    return {k: conversations(tokenizer, facts, k, system) for k in ("edit", "rephrase", "loc")}
+def sliced(rows: dict[str, list], n: int) -> dict[str, list]:
+    """The rows of the first n facts of aligned `fact_rows`, Nones dropped."""
+    return {k: present(r[:n]) for k, r in rows.items()}
 
 
 @torch.no_grad()
 def predictions(model, tokenizer, rows, first=None, batch_size: int = 32):
-    """Per-row (argmax ids, label ids) at the label positions, in the rows' order (batched by
-    length; a None row gives None). Rows may carry cached hidden states entering
-    blocks[first]."""
+    """Per-row (argmax ids, label ids) at the answer positions (the label positions without
+    a final end-of-turn label), in the rows' order (batched by length; a None row gives
+    None). Rows may carry cached hidden states entering blocks[first]."""
     out = [None] * len(rows)
     for idx, batch in by_length(model, tokenizer, rows, batch_size, "predictions", False):
         logits, labels, row = forward(model, batch, first)
         pred = logits.argmax(-1)
         for b, j in enumerate(idx):
-            out[j] = (pred[row == b], labels[row == b])
+            keep = row == b
+            end = int(keep.sum()) - int(bool(rows[j].get("eot")))
+            out[j] = (pred[keep][:end], labels[keep][:end])
     return out
 
 
 def accuracy(preds) -> float:
+    """Mean over rows of the per-row token accuracy."""
     return sum((p == y).float().mean().item() for p, y in preds) / max(len(preds), 1)
+
+
+def strict(preds) -> float:
+    """Share of rows whose tokens are all right."""
+    return sum(bool((p == y).all()) for p, y in preds) / max(len(preds), 1)
 
 
 def agreement(after, before) -> float:
@@ -63,13 +90,40 @@ def agreement(after, before) -> float:
         len(after), 1)
 
 
+def answer_matches(model, tokenizer, facts, max_new_tokens: int = 16, batch_size: int = 32,
+                   system=None) -> list[tuple]:
+    """Per fact: (its greedy answer to the prompt is the target, the same for its first
+    rephrase or None), normalised exact match."""
+    with_rephrase = [f["rephrases"][0] for f in facts if f["rephrases"]]
+    answers = generate(model, tokenizer, [f["prompt"] for f in facts] + with_rephrase,
+                       max_new_tokens=max_new_tokens, batch_size=batch_size, system=system)
+    rephrased = iter(answers[len(facts):])
+    return [(exact_match(a, f["target"]),
+             exact_match(next(rephrased), f["target"]) if f["rephrases"] else None)
+            for a, f in zip(answers, facts)]
+
+
+def generation_metrics(matches) -> dict:
+    es = [m[0] for m in matches]
+    gs = [m[1] for m in matches if m[1] is not None]
+    return {"ES_gen": sum(es) / max(len(es), 1), "GS_gen": sum(gs) / max(len(gs), 1),
+            "n_gen": len(es)}
+
+
+def teacher_forced(edit, rephrase, loc, loc_before) -> dict:
+    """ES, ES_strict, GS, GS_strict, LS from `predictions` of the edited model."""
+    return {"ES": accuracy(edit), "ES_strict": strict(edit), "GS": accuracy(rephrase),
+            "GS_strict": strict(rephrase), "LS": agreement(loc, loc_before)}
+
+
 def edit_metrics(editor, rows: dict[str, list[dict]], batch_size: int = 32, extra=None,
                  before=None) -> dict:
-    """Edit all facts of `rows` (from `fact_rows`, optionally with cached hidden states) at
-    once with `editor`; measure ES, GS, LS (and `extra()`'s metrics, called while the edit is
-    applied); restore the weights. `before`: the unedited model's predictions on rows["loc"],
-    when the caller already has them."""
+    """Edit all facts of `rows` (from `fact_rows`, optionally with cached hidden states;
+    None rows are skipped) at once with `editor`; measure the teacher-forced metrics (and
+    `extra()`'s, called while the edit is applied); restore the weights. `before`: the
+    unedited model's predictions on the loc rows, when the caller already has them."""
     model, tok, first = editor.model, editor.tokenizer, editor.first
+    rows = {k: present(r) for k, r in rows.items()}
     if before is None:
         before = predictions(model, tok, rows["loc"], first, batch_size)
     start = time.perf_counter()
@@ -77,13 +131,9 @@ def edit_metrics(editor, rows: dict[str, list[dict]], batch_size: int = 32, extr
     editor.apply(editor.compute_shifts(padded(model, tok, edit)))
     seconds = time.perf_counter() - start
     try:
-        out = {
-            "ES": accuracy(predictions(model, tok, rows["edit"], first, batch_size)),
-            "GS": accuracy(predictions(model, tok, rows["rephrase"], first, batch_size)),
-            "LS": agreement(predictions(model, tok, rows["loc"], first, batch_size), before),
-            "n_facts": len(rows["edit"]),
-            "edit_seconds": seconds,
-        }
+        out = teacher_forced(*(predictions(model, tok, rows[k], first, batch_size) for k in KINDS),
+                             before)
+        out.update({"n_facts": len(rows["edit"]), "edit_seconds": seconds})
         if extra is not None:
             out.update(extra())
         return out

@@ -8,6 +8,12 @@ One step, for m training facts (the LM graph and the hypernetwork graph never co
    sources s; its backward gives G = dL/dW for each edited module; restore W;
 4. re-run the shift rule with grad and backprop the proxy sum <G, S(theta)> (exact: for
    MALMEN the solve's backward is analytic, hypernet/solve.py); clip; Adam step.
+
+Memory is bounded at any m: the meta-loss runs `train.lm_chunk` rows at a time (each part
+a token mean, so the chunks' backwards sum to the whole loss's), and the hypernetwork
+`editor.hyper_chunk` key rows at a time (`HyperNetwork.backward`). `train.n_edits` is a
+number or a list to draw m from at each step (seeded by the step, so a resumed run draws
+the same), and never more than the training pool holds.
 """
 
 from __future__ import annotations
@@ -20,38 +26,67 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from hypernet import HyperNetwork
 
 from . import checkpoint
+from .augment import new_targets, normalise
+from .chat import IGNORE, encode_pair
 from .editors import HyperEditor
-from .lm import (capture, forward, key_moments, kl_before_after, logits_before, padded,
+from .lm import (forward, key_moments, kl_before_after, logits_before, padded,
                  stack_captured, with_capture, with_final, with_hidden)
 from .locality import base_responses, conversation_rows, subject_rows
-from .metrics import conversations, edit_metrics, fact_row, fact_rows
+from .metrics import edit_metrics, fact_row, fact_rows, sliced
 from .models import kv_shape, to_kv
 
 
 @dataclass
 class TrainData:
-    """Encoded (and, with the cache, hidden-state-carrying) rows for meta-training."""
+    """Encoded (and, with the cache, hidden-state-carrying) rows for meta-training.
 
-    edit: list[dict]
-    rephrase: list[dict]
+    Per training fact i and target t (t = 0 its own, t > 0 new targets, `augment.py`):
+    edit[i][t] is prompt -> target t, rephrase[i][t] is its rephrase -> target t."""
+
+    edit: list[list[dict]]
+    rephrase: list[list[dict]]
     nq: list[dict | None]
     subject: list[dict | None] = field(default_factory=list)     # aligned with edit, or empty
     pools: dict[str, list[dict]] = field(default_factory=dict)  # instruction, harmful
-    val: dict[str, list[dict]] = field(default_factory=dict)    # edit, rephrase, loc
+    val: dict[str, list[dict | None]] = field(default_factory=dict)  # aligned fact_rows
+    keys: list[set] = field(default_factory=list)  # per fact: its normalised prompts
 
 
 PER_FACT, POOLS = ("nq", "subject"), ("instruction", "harmful")  # locality sources
+
+
+def sizes(n_edits) -> list[int]:
+    """`train.n_edits` (a number or a list of numbers) as a list."""
+    values = list(n_edits) if OmegaConf.is_list(n_edits) or isinstance(n_edits, list | tuple) \
+        else [n_edits]
+    if not values or not all(isinstance(v, int) and v > 0 for v in values):
+        raise ValueError(f"train.n_edits must be a positive number or a list of them, got "
+                         f"{n_edits!r}")
+    return values
+
+
+def label_count(rows) -> int:
+    return sum(sum(y != IGNORE for y in r["labels"][1:]) for r in rows)
 
 
 class MetaTrainer:
     def __init__(self, editor: HyperEditor, data: TrainData, cfg, loc_cfg, seed: int = 0):
         self.editor, self.data, self.cfg, self.loc, self.seed = editor, data, cfg, loc_cfg, seed
         self.hypernet = editor.hypernet
+        self.sizes = sizes(cfg.n_edits)
+        if not data.keys:
+            data.keys = [set() for _ in data.edit]
+        pool = self.capacity()
+        if max(self.sizes) > pool:
+            raise ValueError(f"train.n_edits={max(self.sizes)} is more facts than the training "
+                             f"pool holds ({pool} facts with distinct prompts); use fewer edits "
+                             "per step or a larger pool (e.g. data=mixed)")
         # the per-layer log step sizes, log lambdas (and log mus) get their own learning rate
         is_scalar = {True: [], False: []}
         for name, p in self.hypernet.named_parameters():
@@ -63,13 +98,51 @@ class MetaTrainer:
                       if float(loc_cfg.get(s, 0)) > 0}
 
     # ------------------------------------------------------------- batches
+    def capacity(self) -> int:
+        """How many facts one step can hold: facts sharing a prompt never go together."""
+        seen, n = set(), 0
+        for keys in self.data.keys:
+            if not keys & seen:
+                seen |= keys
+                n += 1
+        return n
+
+    def n_edits(self, step: int) -> int:
+        """Facts edited at once at `step`: `train.n_edits`, or a seeded draw from its list."""
+        if len(self.sizes) == 1:
+            return self.sizes[0]
+        g = torch.Generator().manual_seed(self.seed * 7919 + step)
+        return self.sizes[int(torch.randint(len(self.sizes), (1,), generator=g))]
+
     def fact_indices(self, step: int) -> list[int]:
-        """Facts of a step: epoch-wise seeded permutations, so a resumed run sees the same."""
-        n, m = len(self.data.edit), self.cfg.n_edits
-        per_epoch = max(n // m, 1)
-        epoch, k = divmod(step, per_epoch)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1000 + epoch))
-        return perm[k * m:(k + 1) * m].tolist()
+        """Facts of a step: the next m of a stream of epoch-wise seeded permutations (so a
+        resumed run sees the same), skipping a fact whose prompt or rephrase is already in
+        the step."""
+        n, m = len(self.data.edit), self.n_edits(step)
+        epoch, offset = divmod(sum(self.n_edits(s) for s in range(step)), n)
+        out, seen = [], set()
+        for e in range(epoch, epoch + 3):
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1000 + e))
+            for i in perm[offset if e == epoch else 0:].tolist():
+                if not self.data.keys[i] & seen:
+                    out.append(i)
+                    seen |= self.data.keys[i]
+                    if len(out) == m:
+                        return out
+        raise RuntimeError(f"could not draw {m} facts with distinct prompts")  # capacity()
+
+    def variants(self, step: int, idx: list[int]) -> list[tuple[dict, dict]]:
+        """(edit row, generalisation row) per fact: a seeded choice of its target (its own
+        or a new one) and, with probability `augment.swap`, its rephrase as the edit prompt
+        and its prompt as the generalisation one."""
+        g = torch.Generator().manual_seed(self.seed * 100019 + step)
+        swap = float(self.cfg.get("augment", {}).get("swap", 0.0))
+        out = []
+        for i in idx:
+            t = int(torch.randint(len(self.data.edit[i]), (1,), generator=g))
+            pair = (self.data.edit[i][t], self.data.rephrase[i][t])
+            out.append(pair[::-1] if float(torch.rand((), generator=g)) < swap else pair)
+        return out
 
     def loc_rows(self, step: int, idx: list[int]) -> dict[str, list[dict]]:
         g = torch.Generator().manual_seed(self.seed * 100003 + step)
@@ -88,62 +161,96 @@ class MetaTrainer:
     def batch(self, rows):
         return padded(self.editor.model, self.editor.tokenizer, rows)
 
+    def chunks(self, rows):
+        """Padded batches of at most `train.lm_chunk` rows, sorted by length."""
+        size = int(self.cfg.get("lm_chunk") or len(rows))
+        rows = sorted(rows, key=lambda r: len(r["input_ids"]))
+        return [self.batch(rows[i:i + size]) for i in range(0, len(rows), size)]
+
     # ---------------------------------------------------------------- step
+    def meta_backward(self, parts: dict[str, tuple[list[dict], float, str]]) -> dict:
+        """Backward of sum_p coef_p * loss_p over the edited model, where loss_p is the token
+        mean of cross-entropy ("ce") or KL(before || after) ("kl") over rows_p, run chunk by
+        chunk; returns each part's loss (token mean)."""
+        ed = self.editor
+        out = {}
+        for name, (rows, coef, kind) in parts.items():
+            n_tok, total = label_count(rows), 0.0
+            for batch in self.chunks(rows):
+                logits, labels, _ = forward(ed.model, batch, ed.first)
+                if kind == "ce":
+                    loss = F.cross_entropy(logits, labels, reduction="sum")
+                else:
+                    loss = kl_before_after(logits_before(ed.model, batch, ed.first), logits,
+                                           reduction="sum")
+                (coef * loss / n_tok).backward()
+                total += loss.item()
+            out[name] = total / n_tok
+        return out
+
     def step(self) -> dict:
-        ed, first, cfg = self.editor, self.editor.first, self.cfg
+        ed, cfg, hn = self.editor, self.cfg, self.hypernet
+        m = self.n_edits(self.step_count)
         idx = self.fact_indices(self.step_count)
-        edit_rows = [self.data.edit[i] for i in idx]
-        edit = self.batch(edit_rows)
-        gen = self.batch([self.data.rephrase[i] for i in idx])
-        locs = {s: self.batch(r) for s, r in self.loc_rows(self.step_count, idx).items() if r}
+        edit_rows, gen_rows = zip(*self.variants(self.step_count, idx))
+        locs = {s: r for s, r in self.loc_rows(self.step_count, idx).items() if r}
 
         # 1. capture (and update the running normalisers: training only)
         if "captured" in edit_rows[0]:
-            captured, edit_loss = stack_captured(edit_rows, edit["input_ids"].device)
+            captured, edit_loss = stack_captured(edit_rows, next(ed.model.parameters()).device)
         else:
-            captured, edit_loss = capture(ed.model, ed.modules, edit, first)
+            captured = ed.capture(self.batch(list(edit_rows)))
+            edit_loss = torch.tensor(float("nan"))
+            locs = {s: with_final(ed.model, ed.tokenizer, r, ed.first, len(r))
+                    for s, r in locs.items()}  # the unedited model's side of the KL
         for name, (k, d) in captured.items():
-            self.hypernet.update_norm(name, k, d)
-        before = {s: logits_before(ed.model, b, first) for s, b in locs.items()}
+            hn.update_norm(name, k, d)
         # 2. shifts without grad, applied
-        ed.apply(ed.compute_shifts(edit, captured))
+        caches = {name: {} for name in captured}
+        with torch.no_grad():
+            ed.apply({name: hn.shift(name, k, d, ed.solve_dtype, ed.hyper_chunk, caches[name])
+                      for name, (k, d) in captured.items()})
         # 3. meta-loss on the edited model; G = dL/dW
-        weights = [m.weight for m in ed.modules.values()]
+        parts = {"gen_loss": (list(gen_rows), cfg.gen_coef, "ce")}
+        parts.update({f"loc_{s}": (r, self.coefs[s], "kl") for s, r in locs.items()})
+        if cfg.edit_coef > 0:  # the edit prompts themselves, after the edit
+            parts["edit_after"] = (list(edit_rows), cfg.edit_coef, "ce")
+        weights = [mod.weight for mod in ed.modules.values()]
         for w in weights:
             w.requires_grad_(True)
         try:
-            logits, labels, _ = forward(ed.model, gen, first)
-            gen_loss = F.cross_entropy(logits, labels)
-            loc_loss = {s: kl_before_after(before[s], forward(ed.model, b, first)[0])
-                        for s, b in locs.items()}
-            total = cfg.gen_coef * gen_loss + sum(self.coefs[s] * v for s, v in loc_loss.items())
-            if cfg.edit_coef > 0:  # the edit prompts themselves, after the edit
-                total = total + cfg.edit_coef * F.cross_entropy(*forward(ed.model, edit, first)[:2])
-            total.backward()
-            grads = {n: to_kv(m, m.weight.grad).float() for n, m in ed.modules.items()}
+            losses = self.meta_backward(parts)
+            grads = {n: to_kv(mod, mod.weight.grad).float() for n, mod in ed.modules.items()}
         finally:
             for w in weights:
                 w.requires_grad_(False)
                 w.grad = None
             ed.restore()
-        # 4. hypernetwork update through the proxy <G, S(theta)>
+        # 4. hypernetwork update through the proxy <G, S(theta)>, chunk by chunk
         self.opt.zero_grad()
         for name, (k, d) in captured.items():
-            (self.hypernet.shift(name, k, d, ed.solve_dtype) * grads[name]).sum().backward()
-        norm = torch.nn.utils.clip_grad_norm_(self.hypernet.parameters(), cfg.max_grad_norm)
+            hn.backward(name, k, d, grads[name], ed.solve_dtype, ed.hyper_chunk, caches[name])
+        norm = torch.nn.utils.clip_grad_norm_(hn.parameters(), cfg.max_grad_norm)
         self.opt.step()
         self.step_count += 1
         n_tok = sum(k.shape[0] for k, _ in captured.values()) / len(captured)
-        out = {"step": self.step_count, "edit_loss": edit_loss.item() / n_tok,
-               "gen_loss": gen_loss.item(), "grad_norm": norm.item(), "total": total.item()}
-        out.update({f"loc_{s}": v.item() for s, v in loc_loss.items()})
-        if self.hypernet.has_prior:  # the learned weight of the key prior, mean over layers
-            log_mu = torch.cat([n.log_mu for n in self.hypernet.nets.values()])
+        total = sum(parts[p][1] * v for p, v in losses.items())
+        out = {"step": self.step_count, "n_edits": m, "key_rows": int(n_tok),
+               "edit_loss": edit_loss.item() / n_tok, "grad_norm": norm.item(), "total": total,
+               **{p: v for p, v in losses.items() if p != "edit_after"}}
+        if hn.has_prior:  # the learned weight of the key prior, mean over layers
+            log_mu = torch.cat([n.log_mu for n in hn.nets.values()])
             out["mu"] = log_mu.exp().mean().item()
         return out
 
     def validate(self) -> dict:
-        return edit_metrics(self.editor, self.data.val)
+        """Edit metrics of the validation facts at each N of `train.val_ns` (the first N's
+        keys plain, the others' prefixed with N: ES, 1024_ES, ...)."""
+        out = {}
+        for i, n in enumerate(self.cfg.get("val_ns") or [len(self.data.val["edit"])]):
+            metrics = edit_metrics(self.editor, sliced(self.data.val, n))
+            out.update({(k if i == 0 else f"{n}_{k}"): v for k, v in metrics.items()})
+        return out
 
     # ---------------------------------------------------------- checkpoints
     def save(self, path, meta: dict) -> None:
@@ -167,21 +274,31 @@ def build_hypernet(modules: dict, editor_cfg) -> HyperNetwork:
              else {})
     return HyperNetwork({n: kv_shape(m) for n, m in modules.items()}, rule=editor_cfg.rule,
                         rank=editor_cfg.rank, n_blocks=editor_cfg.n_blocks, lr=editor_cfg.lr,
-                        log_lam=editor_cfg.log_lam, **prior)
+                        log_lam=editor_cfg.log_lam, reg_rows=editor_cfg.get("reg_rows"),
+                        **prior)
 
 
 def prepare_data(editor, train_facts, val_facts, loc_cfg, use_cache: bool, batch_size: int,
-                 system=None) -> TrainData:
+                 system=None, augment=None) -> TrainData:
     """Encode every training/validation/locality row (no locality pools when `loc_cfg` is
     None); with `use_cache`, attach the hidden state entering the first edited block and,
     to the edit rows, their captured keys and value gradients, and to the locality rows, the
-    unedited model's last hidden state at their label positions (all computed once here)."""
+    unedited model's last hidden state at their label positions (all computed once here).
+    `augment`: {new_targets: k, swap: p, seed} (`augment.py`; rephrases are captured too
+    when p > 0, as they may be the edit prompt)."""
     tok, model = editor.tokenizer, editor.model
+    augment = augment or {}
     facts = [f for f in train_facts if f["rephrases"]]  # so edit and rephrase rows align
-    data = TrainData(edit=conversations(tok, facts, "edit", system),
-                     rephrase=conversations(tok, facts, "rephrase", system),
-                     nq=[fact_row(tok, f, "loc", system) for f in facts],
-                     val=fact_rows(tok, val_facts, system))
+    extra = new_targets(facts, int(augment.get("new_targets", 0)), int(augment.get("seed", 0)))
+    targets = [[f["target"], *alts] for f, alts in zip(facts, extra)]
+    data = TrainData(
+        edit=[[encode_pair(tok, f["prompt"], t, system) for t in ts]
+              for f, ts in zip(facts, targets)],
+        rephrase=[[encode_pair(tok, f["rephrases"][0], t, system) for t in ts]
+                  for f, ts in zip(facts, targets)],
+        nq=[fact_row(tok, f, "loc", system) for f in facts],
+        val=fact_rows(tok, val_facts, system),
+        keys=[{normalise(f["prompt"]), normalise(f["rephrases"][0])} for f in facts])
     for source in POOLS:
         if loc_cfg is not None and float(loc_cfg[source]) > 0:
             pairs = base_responses(model, tok, source, loc_cfg.pool_size, loc_cfg.response_tokens,
@@ -196,9 +313,14 @@ def prepare_data(editor, train_facts, val_facts, loc_cfg, use_cache: bool, batch
         def final(rs):
             return with_final(model, tok, rs, editor.first, batch_size, progress=True)
 
-        data.edit = with_capture(model, tok, cached(data.edit), editor.modules, editor.first,
-                                 batch_size, progress=True)
-        data.rephrase = cached(data.rephrase)
+        def captured(rs):
+            return with_capture(model, tok, cached(rs), editor.modules, editor.first, batch_size,
+                                progress=True, eot_rows=editor.eot_rows)
+
+        swap = float(augment.get("swap", 0.0)) > 0
+        data.edit = regroup(captured(sum(data.edit, [])), data.edit)
+        data.rephrase = regroup((captured if swap else cached)(sum(data.rephrase, [])),
+                                data.rephrase)
         data.nq = final(cached(data.nq))
         data.subject = final(cached(data.subject)) if data.subject else []
         data.pools = {s: final(cached(r)) for s, r in data.pools.items()}
@@ -211,6 +333,15 @@ def prepare_data(editor, train_facts, val_facts, loc_cfg, use_cache: bool, batch
         for name, c in moments.items():
             editor.hypernet.set_prior(name, c)
     return data
+
+
+def regroup(flat: list, like: list[list]) -> list[list]:
+    """`flat` cut into lists of the lengths of `like`'s."""
+    out, i = [], 0
+    for group in like:
+        out.append(flat[i:i + len(group)])
+        i += len(group)
+    return out
 
 
 def train(trainer: MetaTrainer, steps: int, out_dir: Path, val_every: int, ckpt_every: int,

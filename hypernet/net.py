@@ -13,6 +13,14 @@ Shift rules, for one module with keys K (n x d_k) and value gradients Delta (n x
 With `prior=True` (MALMEN only), each layer also holds a key prior C_l (d_k x d_k, set by
 `set_prior`, saved with the network) and a learned weight mu_l = exp(log_mu[l]): the solve
 adds mu_l ||C_l^1/2 S||^2, keeping the outputs on C_l's keys where they were.
+With `reg_rows` = r, lambda_l and mu_l are the weights per r rows: the solve uses
+(n / r) lambda_l and (n / r) mu_l for n rows, so the regularisers keep their weight
+against K^T K (which grows with n) whatever the number of facts.
+
+Memory stays bounded at any n: `values`, `shift` and `backward` run the network over at
+most `chunk` rows at a time, and `backward` accumulates the exact gradient of the proxy
+<G, S(theta)> chunk by chunk (for MALMEN, dL/dD = K A^-1 G comes from the solve's own
+backward, so the network's graph never spans all n rows).
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ import math
 import torch
 from torch import nn
 
-from .solve import least_squares
+from .solve import Factor, diagnostics, factorize, least_squares, solve, solve_backward
 
 
 class RunningNorm(nn.Module):
@@ -82,9 +90,9 @@ class EditorNet(nn.Module):
 
     def __init__(self, d_k: int, d_v: int, n_layers: int, rank: int = 1920, n_blocks: int = 2,
                  lr: float = 1e-4, log_lam: float = 0.0, prior: bool = False,
-                 log_mu: float = 0.0):
+                 log_mu: float = 0.0, reg_rows: int | None = None):
         super().__init__()
-        self.d_k, self.d_v = d_k, d_v
+        self.d_k, self.d_v, self.reg_rows = d_k, d_v, reg_rows
         self.norm = RunningNorm(d_k + d_v)
         self.blocks = nn.ModuleList(Block(d_k + d_v, rank, n_layers) for _ in range(n_blocks))
         self.log_lr = nn.Parameter(torch.full((n_layers,), math.log(lr)))
@@ -104,23 +112,89 @@ class EditorNet(nn.Module):
         u, delta = self(keys, grads, layer)
         return -self.log_lr[layer].exp() * (keys * u).sum(-1, keepdim=True) * delta
 
+    def values(self, keys, grads, layer: int, chunk: int | None = None) -> torch.Tensor:
+        """`value_shifts` of all rows, computed `chunk` rows at a time."""
+        return torch.cat([self.value_shifts(k, g, layer) for k, g in chunks(keys, grads, chunk)])
+
+    def log_weights(self, layer: int, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(log lambda, log mu or None) the solve of n rows uses (scaled by n / reg_rows)."""
+        scale = math.log(n / self.reg_rows) if self.reg_rows else 0.0
+        log_mu = None if self.prior is None else self.log_mu[layer] + scale
+        return self.log_lam[layer] + scale, log_mu
+
     def solve(self, keys, values, layer: int, dtype=torch.float32) -> torch.Tensor:
         """S (d_k x d_v) from desired value shifts, solved jointly over all tokens."""
-        prior = {} if self.prior is None else {"prior": self.prior[layer],
-                                                "log_mu": self.log_mu[layer]}
-        return least_squares(keys, values, self.log_lam[layer], dtype, **prior)
+        log_lam, log_mu = self.log_weights(layer, keys.shape[0])
+        prior = {} if log_mu is None else {"prior": self.prior[layer], "log_mu": log_mu}
+        return least_squares(keys, values, log_lam, dtype, **prior)
 
-    def malmen_shift(self, keys, grads, layer: int, dtype=torch.float32) -> torch.Tensor:
-        """S (d_k x d_v) solved jointly over all tokens of all edits."""
-        return self.solve(keys, self.value_shifts(keys, grads, layer), layer, dtype)
+    def factor(self, keys, layer: int, dtype=torch.float32) -> Factor:
+        """The solve's Cholesky factor for these keys (no grad)."""
+        log_lam, log_mu = self.log_weights(layer, keys.shape[0])
+        with torch.no_grad():
+            mu = None if log_mu is None else log_mu.exp()
+            return factorize(keys, log_lam.exp(), dtype,
+                             prior=None if log_mu is None else self.prior[layer], mu=mu)
 
-    def mend_shift(self, keys, grads, layer: int, dtype=None) -> torch.Tensor:
+    def malmen_shift(self, keys, grads, layer: int, dtype=torch.float32,
+                     chunk: int | None = None, cache: dict | None = None) -> torch.Tensor:
+        """S (d_k x d_v) solved jointly over all tokens of all edits; `cache` (a dict) keeps
+        the value shifts D for `malmen_backward`."""
+        values = self.values(keys, grads, layer, chunk)
+        if cache is not None:
+            cache["values"] = values.detach()
+        return self.solve(keys, values, layer, dtype)
+
+    def mend_shift(self, keys, grads, layer: int, dtype=None,
+                   chunk: int | None = None, cache: dict | None = None) -> torch.Tensor:
         """S = -eta_l U~^T Delta~ (sum of rank-one updates, no solve)."""
-        u, delta = self(keys, grads, layer)
-        return -self.log_lr[layer].exp() * (u.T @ delta)
+        total = 0
+        for k, g in chunks(keys, grads, chunk):
+            u, delta = self(k, g, layer)
+            total = total + u.T @ delta
+        return -self.log_lr[layer].exp() * total
+
+    def malmen_backward(self, keys, grads, layer: int, grad_shift, dtype=torch.float32,
+                        chunk: int | None = None, cache: dict | None = None) -> None:
+        """Accumulate d<G, S(theta)>/dtheta into the parameters' .grad, `chunk` rows at a
+        time: dL/dD = K A^-1 G and dL/dlog(lambda), dL/dlog(mu) from the solve's backward,
+        then the proxy sum_j <dL/dd_j, d_j(theta)> per chunk. `cache`: what `malmen_shift`
+        kept (D), so the network runs once more, not twice."""
+        values = (cache or {}).get("values")
+        if values is None:
+            with torch.no_grad():
+                values = self.values(keys, grads, layer, chunk)
+        factor = self.factor(keys, layer, dtype)
+        shift = solve(factor, values)
+        grad_values, grad_log_lam, grad_log_mu = solve_backward(factor, shift, grad_shift)
+        log_lam, log_mu = self.log_weights(layer, keys.shape[0])
+        scalars = [(log_lam, grad_log_lam)] + ([] if log_mu is None else [(log_mu, grad_log_mu)])
+        torch.autograd.backward([p for p, _ in scalars], [g.to(p) for p, g in scalars])
+        grad_values = grad_values.to(values.dtype)
+        start = 0
+        for k, g in chunks(keys, grads, chunk):
+            part = grad_values[start:start + k.shape[0]]
+            (self.value_shifts(k, g, layer) * part).sum().backward()
+            start += k.shape[0]
+
+    def mend_backward(self, keys, grads, layer: int, grad_shift, dtype=None,
+                      chunk: int | None = None, cache: dict | None = None) -> None:
+        """Accumulate d<G, S(theta)>/dtheta into .grad, `chunk` rows at a time (S is a sum
+        over rows, so the proxy is too)."""
+        for k, g in chunks(keys, grads, chunk):
+            (self.mend_shift(k, g, layer) * grad_shift).sum().backward()
 
 
-SHIFT_RULES = {"malmen": EditorNet.malmen_shift, "mend": EditorNet.mend_shift}
+def chunks(keys, grads, size: int | None):
+    """(keys, grads) row blocks of at most `size` rows (one block if size is None)."""
+    n = keys.shape[0]
+    size = n if not size else size
+    return [(keys[i:i + size], grads[i:i + size]) for i in range(0, max(n, 1), size)]
+
+
+# rule -> (shift, proxy backward)
+SHIFT_RULES = {"malmen": (EditorNet.malmen_shift, EditorNet.malmen_backward),
+               "mend": (EditorNet.mend_shift, EditorNet.mend_backward)}
 
 
 class HyperNetwork(nn.Module):
@@ -173,6 +247,29 @@ class HyperNetwork(nn.Module):
         net.prior[self.index[name]] = prior.to(net.prior)
 
     def shift(self, name: str, keys: torch.Tensor, grads: torch.Tensor,
-              dtype=torch.float32) -> torch.Tensor:
-        """The d_k x d_v weight shift of module `name` for these keys and value gradients."""
-        return SHIFT_RULES[self.rule](self.net(name), keys, grads, self.index[name], dtype)
+              dtype=torch.float32, chunk: int | None = None,
+              cache: dict | None = None) -> torch.Tensor:
+        """The d_k x d_v weight shift of module `name` for these keys and value gradients
+        (the network runs over `chunk` rows at a time; `cache`, a dict, keeps what
+        `backward` can reuse)."""
+        rule, _ = SHIFT_RULES[self.rule]
+        return rule(self.net(name), keys, grads, self.index[name], dtype, chunk, cache)
+
+    def backward(self, name: str, keys, grads, grad_shift, dtype=torch.float32,
+                 chunk: int | None = None, cache: dict | None = None) -> None:
+        """Accumulate the gradient of <grad_shift, shift(name, keys, grads)> into the
+        parameters' .grad with at most `chunk` rows in the network's graph at a time."""
+        _, backward = SHIFT_RULES[self.rule]
+        backward(self.net(name), keys, grads, self.index[name], grad_shift, dtype, chunk, cache)
+
+    def values(self, name: str, keys, grads, chunk: int | None = None) -> torch.Tensor:
+        """MALMEN's desired value shifts D of module `name` (n x d_v)."""
+        return self.net(name).values(keys, grads, self.index[name], chunk)
+
+    @torch.no_grad()
+    def diagnose(self, name: str, keys, grads, chunk: int | None = None) -> dict[str, float]:
+        """`solve.diagnostics` of module `name`'s MALMEN solve for these keys and gradients."""
+        net, layer = self.net(name), self.index[name]
+        log_lam, log_mu = net.log_weights(layer, keys.shape[0])
+        prior = {} if log_mu is None else {"prior": net.prior[layer], "mu": log_mu.exp()}
+        return diagnostics(keys, net.values(keys, grads, layer, chunk), log_lam.exp(), **prior)

@@ -127,3 +127,19 @@ class LeastSquares(torch.autograd.Function):
 def least_squares(keys, values, log_lam, dtype=torch.float32, form="auto", prior=None,
                   log_mu=None) -> torch.Tensor:
     return LeastSquares.apply(keys, values, log_lam, prior, log_mu, dtype, form)
+
+
+def diagnostics(keys, values, lam, prior=None, mu=None) -> dict[str, float]:
+    """How well the joint solve fits, for keys K (n x d_k) and desired shifts D (n x d_v):
+    the relative residual ||K S - D|| / ||D||; tr(H) / n with H = K A^-1 K^T (the mean
+    leverage: 1 when every row is fitted exactly, near 0 when the ridge and the prior
+    dominate); and the relative difference of S solved in float32 against float64."""
+    exact = solve(factorize(keys, lam, torch.float64, prior=prior, mu=mu), values)
+    approx = solve(factorize(keys, lam, torch.float32, prior=prior, mu=mu), values)
+    k, d = keys.double(), values.double()
+    factor = factorize(keys, lam, torch.float64, "keys", prior=prior, mu=mu)
+    leverage = torch.cholesky_solve(k.T @ k, factor.chol).diagonal().sum() / k.shape[0]
+    return {"residual": ((k @ exact - d).norm() / d.norm().clamp_min(1e-30)).item(),
+            "leverage": leverage.item(),
+            "fp32_vs_fp64": ((approx.double() - exact).norm()
+                             / exact.norm().clamp_min(1e-30)).item()}

@@ -29,13 +29,13 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from editor import Editor
-from editor.behaviour import behaviour_suite, exact_match
-from editor.chat import generate
+from editor.behaviour import behaviour_suite
 from editor.data import load_facts
 from editor.editors import NoEditor
 from editor.lm import forward, kl_before_after, padded, with_hidden
 from editor.locality import base_responses, conversation_rows
-from editor.metrics import accuracy, agreement, edit_metrics, fact_row, predictions
+from editor.metrics import (answer_matches, edit_metrics, fact_row, generation_metrics,
+                            predictions, present, teacher_forced)
 from editor.models import edit_modules, load_model
 from editor.report import markdown_table, write_atomic
 
@@ -89,27 +89,9 @@ class Drift:
                 for s in self.rows}
 
 
-def answer_matches(model, tok, facts, cfg) -> list[tuple]:
-    """Per fact: (greedy answer to the prompt is the target, the same for its first rephrase
-    or None), normalised exact match."""
-    with_rephrase = [f["rephrases"][0] for f in facts if f["rephrases"]]
-    answers = generate(model, tok, [f["prompt"] for f in facts] + with_rephrase,
-                       max_new_tokens=cfg.eval.answer_tokens, batch_size=cfg.eval.batch_size,
-                       system=cfg.model.system_prompt)
-    rephrased = iter(answers[len(facts):])
-    return [(exact_match(a, f["target"]),
-             exact_match(next(rephrased), f["target"]) if f["rephrases"] else None)
-            for a, f in zip(answers, facts)]
-
-
-def generation_metrics(matches) -> dict:
-    es = [m[0] for m in matches]
-    gs = [m[1] for m in matches if m[1] is not None]
-    return {"ES_gen": sum(es) / max(len(es), 1), "GS_gen": sum(gs) / max(len(gs), 1)}
-
-
-def present(rows: list) -> list:
-    return [r for r in rows if r is not None]
+def matches(model, tok, facts, cfg) -> list[tuple]:
+    return answer_matches(model, tok, facts, cfg.eval.answer_tokens, cfg.eval.batch_size,
+                          cfg.model.system_prompt)
 
 
 class Reference:
@@ -125,7 +107,7 @@ class Reference:
                                                  for f in pool], first, bs, progress=True)
                      for k in ("edit", "rephrase", "loc")}
         self.before = {k: predictions(model, tok, rs, first, bs) for k, rs in self.rows.items()}
-        self.answer = lambda: answer_matches(model, tok, pool[:cfg.eval.gen_limit], cfg)
+        self.answer = lambda: matches(model, tok, pool[:cfg.eval.gen_limit], cfg)
 
     @cached_property
     def matches(self) -> list[tuple]:
@@ -133,9 +115,9 @@ class Reference:
 
     def unedited(self, n: int) -> dict:
         before = {k: present(p[:n]) for k, p in self.before.items()}
-        return {"ES": accuracy(before["edit"]), "GS": accuracy(before["rephrase"]),
-                "LS": agreement(before["loc"], before["loc"]), "n_facts": n,
-                "edit_seconds": 0.0, **generation_metrics(self.matches[:n])}
+        return {**teacher_forced(before["edit"], before["rephrase"], before["loc"],
+                                 before["loc"]),
+                "n_facts": n, "edit_seconds": 0.0, **generation_metrics(self.matches[:n])}
 
 
 def behaviour_metrics(model, tok, drift, cfg) -> dict:
@@ -178,8 +160,8 @@ def evaluate(cfg, save=None) -> list[dict]:
                         metrics.update(behaviour_metrics(model, tok, drift, cfg))
                 else:
                     def extra(facts=pool[:n], behaviour=behaviour):
-                        out = generation_metrics(
-                            answer_matches(model, tok, facts[:cfg.eval.gen_limit], cfg))
+                        out = generation_metrics(matches(model, tok, facts[:cfg.eval.gen_limit],
+                                                         cfg))
                         return {**out, **behaviour_metrics(model, tok, drift, cfg)} \
                             if behaviour else out
 
@@ -199,7 +181,7 @@ def evaluate(cfg, save=None) -> list[dict]:
 
 BEHAVIOUR = ["ifeval_prompt_strict", "advbench_refusal", "xstest_over_refusal", "kl_instruction",
              "kl_harmful"]
-EDIT = ["ES", "GS", "ES_gen", "GS_gen", "LS"]
+EDIT = ["ES", "ES_strict", "GS", "GS_strict", "ES_gen", "GS_gen", "LS"]
 CHANGED = ["ifeval_prompt_strict", "ifeval_inst_strict", "advbench_refusal",
            "xstest_over_refusal"]
 

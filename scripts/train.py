@@ -16,10 +16,10 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from editor.data import load_facts
-from editor.editors import FTEditor, HyperEditor
-from editor.metrics import edit_metrics, fact_rows
-from editor.models import DTYPES, edit_modules, load_model
+from editor.editors import FTEditor, HyperEditor, hyper_options
 from editor.lm import with_hidden
+from editor.metrics import answer_matches, edit_metrics, fact_rows, generation_metrics
+from editor.models import edit_modules, load_model
 from editor.train import (MetaTrainer, build_hypernet, memory_estimate, prepare_data, train,
                           write_json)
 
@@ -62,8 +62,11 @@ def plot(history: list[dict], path: Path) -> None:
     a.set_xlabel("step")
     a.legend()
     val = [r for r in history if "val_ES" in r]
-    for key in ("val_ES", "val_GS", "val_LS"):
-        b.plot([r["step"] for r in val], [r[key] for r in val], marker="o", label=key)
+    keys = [k for k in val[-1] if k.startswith("val_") and k.endswith(("ES", "GS", "LS"))] \
+        if val else []
+    for key in keys:  # val_ES, ... at the first N; val_<N>_ES, ... dashed
+        b.plot([r["step"] for r in val], [r.get(key) for r in val], marker="o", label=key,
+               linestyle="-" if key.count("_") == 1 else "--")
     b.set_xlabel("step")
     b.set_ylim(0, 1.02)
     b.legend()
@@ -85,7 +88,8 @@ def main(cfg: DictConfig) -> dict:
                             **({"device_map": device_map} if device_map else {}))
     modules = edit_modules(model, cfg.model.edit.module, list(cfg.model.edit.layers))
     system = cfg.model.system_prompt
-    facts = {s: load_facts(cfg.data.name, s, val_size=cfg.data.val_size, seed=cfg.data.seed)
+    facts = {s: load_facts(cfg.data.name, s, val_size=cfg.data.val_size, seed=cfg.data.seed,
+                           limit=cfg.train.train_facts if s == "train" else None)
              for s in ("train", "validation")}
     test = load_facts(cfg.data.name, "test", limit=cfg.train.test_facts)
 
@@ -94,10 +98,10 @@ def main(cfg: DictConfig) -> dict:
                           system=system)
     else:
         hypernet = build_hypernet(modules, cfg.editor).to(cfg.device)
-        editor = HyperEditor(model, tok, modules, hypernet, system,
-                             solve_dtype=DTYPES[cfg.editor.solve_dtype])
+        editor = HyperEditor(model, tok, modules, hypernet, system, **hyper_options(cfg.editor))
     hyper = isinstance(editor, HyperEditor)  # FT has nothing to meta-train
-    rows = 3 * (len(facts["train"]) * hyper + len(facts["validation"]))
+    variants = (1 + cfg.train.augment.new_targets) * 2
+    rows = variants * len(facts["train"]) * hyper + 3 * len(facts["validation"])
     if hyper and cfg.train.hidden_cache:
         rows += 2 * cfg.locality.pool_size
     estimate = memory_estimate(model, modules, editor.hypernet if hyper else None,
@@ -106,7 +110,7 @@ def main(cfg: DictConfig) -> dict:
     start = time.perf_counter()
     data = prepare_data(editor, facts["train"] if hyper else [], facts["validation"],
                         cfg.locality if hyper else None, cfg.train.hidden_cache,
-                        cfg.train.batch_size, system)
+                        cfg.train.batch_size, system, cfg.train.augment)
     prep_seconds = time.perf_counter() - start
     print(f"prepared {len(data.edit)} training facts in {prep_seconds:.0f}s")
 
@@ -132,8 +136,15 @@ def main(cfg: DictConfig) -> dict:
     if cfg.train.hidden_cache:
         rows = {k: with_hidden(model, tok, r, editor.first, cfg.train.batch_size)
                 for k, r in rows.items()}
+
+    def answers():  # greedy answers while the test edit is applied
+        return generation_metrics(answer_matches(model, tok, list(test)[:cfg.train.test_gen],
+                                                 cfg.train.answer_tokens, cfg.train.batch_size,
+                                                 system))
+
     start = time.perf_counter()
-    metrics.update({f"test_{k}": v for k, v in edit_metrics(editor, rows).items()})
+    metrics.update({f"test_{k}": v for k, v in edit_metrics(
+        editor, rows, extra=answers if cfg.train.test_gen else None).items()})
     metrics["test_seconds"] = time.perf_counter() - start
     write_json(out / "metrics.json", metrics)
     print(json.dumps(metrics, indent=2))

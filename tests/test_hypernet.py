@@ -189,6 +189,74 @@ def test_shift_rules(rule):
         HyperNetwork({"a": (12, 5)}, rule="rome")
 
 
+def trained_like(net):
+    """Perturb an untrained network's zero-initialised parts so every parameter matters."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return net
+
+
+@pytest.mark.parametrize("rule,prior,reg_rows", [("malmen", False, None), ("malmen", True, 7),
+                                                 ("mend", False, None)])
+def test_chunked_shift_and_backward_equal_one_graph(rule, prior, reg_rows):
+    """shift(chunk=c) and backward(chunk=c) (bounded memory) equal the unchunked shift and
+    autograd through it, for MALMEN (with and without a key prior and row-scaled lambda)
+    and MEND."""
+    keys, grads, weight = problem(30)
+    kw = {"prior": True, "log_mu": 0.5} if prior else {}
+    net = trained_like(HyperNetwork({"a": (12, 5)}, rule=rule, rank=4, lr=0.1,
+                                    reg_rows=reg_rows, **kw).double())
+    if prior:
+        net.set_prior("a", unrelated_keys()[1])
+    whole = net.shift("a", keys, grads, F64)
+    (whole * weight).sum().backward()
+    expected = {n: torch.zeros_like(p) if p.grad is None else p.grad.clone()
+                for n, p in net.named_parameters()}
+    net.zero_grad(set_to_none=False)
+    with torch.no_grad():
+        assert torch.allclose(net.shift("a", keys, grads, F64, chunk=7), whole, atol=1e-10)
+    net.backward("a", keys, grads, weight, F64, chunk=7)
+    for n, p in net.named_parameters():
+        got = torch.zeros_like(p) if p.grad is None else p.grad
+        assert torch.allclose(got, expected[n], atol=1e-9), n
+    assert expected["nets.12x5.blocks.0.down"].abs().sum() > 0
+    assert any(g.abs().sum() > 0 for n, g in expected.items() if "log_lam" in n) == (
+        rule == "malmen")
+
+
+def test_row_scaled_lambda_keeps_its_weight_against_the_keys():
+    """With reg_rows, duplicating every row (K^T K doubles) doubles lambda too: the shift of
+    the same facts repeated twice equals the shift of one copy."""
+    keys, grads, _ = problem(30)
+    for reg_rows, same in ((10, True), (None, False)):
+        net = trained_like(HyperNetwork({"a": (12, 5)}, rank=4, lr=0.1, log_lam=1.0,
+                                        reg_rows=reg_rows).double())
+        with torch.no_grad():
+            once = net.shift("a", keys, grads, F64)
+            twice = net.shift("a", keys.repeat(2, 1), grads.repeat(2, 1), F64)
+        assert torch.allclose(once, twice, atol=1e-10) == same
+
+
+def test_solve_diagnostics():
+    """Few rows are fitted exactly (residual ~0, leverage ~1 with a tiny lambda); many rows
+    leave a residual; a large lambda shrinks the leverage; float32 is close to float64."""
+    from hypernet import diagnostics
+
+    few, many = problem(6), problem(60)
+    exact = diagnostics(few[0], few[1], torch.tensor(1e-8))
+    assert exact["residual"] < 1e-6 and exact["leverage"] == pytest.approx(1.0, abs=1e-6)
+    over = diagnostics(many[0], many[1], torch.tensor(1e-8))
+    assert over["residual"] > 0.3 and over["leverage"] == pytest.approx(12 / 60, rel=1e-4)
+    ridge = diagnostics(many[0], many[1], torch.tensor(1e3))
+    assert ridge["leverage"] < 0.1 * over["leverage"] and ridge["residual"] > over["residual"]
+    assert exact["fp32_vs_fp64"] < 1e-3
+    net = HyperNetwork({"a": (12, 5)}, rank=4, lr=0.1, prior=True).double()
+    net.set_prior("a", unrelated_keys()[1])
+    assert set(net.diagnose("a", many[0], many[1], chunk=7)) == set(exact)
+
+
 def test_hypernet_never_imports_editor():
     for path in Path(__file__).parents[1].joinpath("hypernet").glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):

@@ -1,0 +1,185 @@
+"""Meta-training at scale on tiny models: chunking changes nothing, n_edits is checked and
+drawn, training edits are augmented without conflicts, answer-token metrics."""
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from editor.augment import new_targets, relation
+from editor.chat import IGNORE, encode_facts, encode_pair
+from editor.data import load_facts
+from editor.editors import HyperEditor
+from editor.lm import capture
+from editor.metrics import edit_metrics, fact_rows, predictions, strict
+from editor.models import edit_modules, load_model
+from editor.train import MetaTrainer, build_hypernet, prepare_data, sizes
+
+LOC = OmegaConf.create({"nq": 1.0, "instruction": 1.0, "harmful": 0.0, "subject": 0.0,
+                        "n_instruction": 3, "n_harmful": 0, "pool_size": 6,
+                        "response_tokens": 6, "subject_tokens": 4, "max_prompt_chars": 400})
+EDITOR = OmegaConf.create({"rule": "malmen", "rank": 8, "n_blocks": 2, "lr": 3.0,
+                           "log_lam": 0.0, "prior": True, "log_mu": 0.0, "reg_rows": 16})
+
+
+def train_cfg(**kw):
+    base = OmegaConf.load("conf/train/default.yaml")
+    return OmegaConf.merge(base, OmegaConf.create(kw))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    import os
+
+    os.environ["CHATEDIT_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    model, tok = load_model("tiny-llama")
+    modules = edit_modules(model, "mlp.down_proj", [2, 3])
+    facts = list(load_facts("zsre", "train"))[:24]
+    return model, tok, modules, facts
+
+
+def editor_for(tiny, rule="malmen", hyper_chunk=1024, eot_rows=True, seed=0):
+    model, tok, modules, _ = tiny
+    torch.manual_seed(seed)
+    cfg = OmegaConf.merge(EDITOR, {"rule": rule, "prior": rule == "malmen"})
+    return HyperEditor(model, tok, modules, build_hypernet(modules, cfg),
+                       hyper_chunk=hyper_chunk, eot_rows=eot_rows)
+
+
+def perturbed(hypernet):
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in hypernet.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=g))
+
+
+@pytest.mark.parametrize("rule", ["malmen", "mend"])
+@pytest.mark.parametrize("cache", [True, False])
+def test_chunked_meta_training_step_equals_unchunked(tiny, rule, cache):
+    """Meta-loss forward/backward in chunks of 3 rows and the hypernetwork in chunks of 5 key
+    rows give the losses and the hypernetwork gradients of one unchunked step."""
+    facts = tiny[3]
+    out = []
+    for lm_chunk, hyper_chunk in ((1000, None), (3, 5)):
+        ed = editor_for(tiny, rule, hyper_chunk)
+        perturbed(ed.hypernet)
+        data = prepare_data(ed, facts[:16], facts[16:20], LOC, cache, 8)
+        trainer = MetaTrainer(ed, data, train_cfg(n_edits=12, lm_chunk=lm_chunk,
+                                                  max_grad_norm=1e9), LOC)
+        record = trainer.step()
+        out.append((record, {n: p.grad.clone() for n, p in ed.hypernet.named_parameters()
+                             if p.grad is not None}))
+    (one, g_one), (chunked, g_chunked) = out
+    for key in ("gen_loss", "loc_nq", "loc_instruction", "total"):
+        assert chunked[key] == pytest.approx(one[key], rel=1e-3, abs=1e-9), key
+    assert g_one.keys() == g_chunked.keys() and len(g_one) > 4
+    for name in g_one:
+        assert torch.allclose(g_chunked[name], g_one[name], rtol=1e-3, atol=1e-6), name
+    assert any(g.abs().sum() > 0 for g in g_one.values())
+
+
+def test_n_edits_beyond_the_pool_is_an_error_and_lists_are_drawn(tiny):
+    facts = tiny[3]
+    ed = editor_for(tiny)
+    data = prepare_data(ed, facts[:16], facts[16:20], None, True, 8)
+    with pytest.raises(ValueError, match=r"n_edits=17 is more facts than the training pool "
+                                         r"holds \(16"):
+        MetaTrainer(ed, data, train_cfg(n_edits=[4, 17]), LOC)
+    with pytest.raises(ValueError, match="positive number or a list"):
+        sizes([4, 0])
+    trainer = MetaTrainer(ed, data, train_cfg(n_edits=[2, 5, 16]), LOC)
+    drawn = [trainer.n_edits(s) for s in range(30)]
+    assert set(drawn) == {2, 5, 16} and drawn == [trainer.n_edits(s) for s in range(30)]
+    for step in range(30):
+        idx = trainer.fact_indices(step)
+        assert len(idx) == drawn[step] and len(set(idx)) == len(idx)
+
+
+def test_facts_sharing_a_prompt_never_meet_in_one_step(tiny):
+    _, tok, _, facts = tiny
+    twins = [{**f, "target": f["target"] + " Jr"} for f in facts[:6]]  # same prompts
+    ed = editor_for(tiny)
+    data = prepare_data(ed, facts[:6] + twins, facts[16:18], None, False, 8)
+    with pytest.raises(ValueError, match=r"\(6 facts with distinct prompts\)"):
+        MetaTrainer(ed, data, train_cfg(n_edits=7), LOC)
+    trainer = MetaTrainer(ed, data, train_cfg(n_edits=6), LOC)
+    for step in range(10):
+        prompts = [tok.decode(data.edit[i][0]["input_ids"]) for i in trainer.fact_indices(step)]
+        assert len(set(prompts)) == 6
+
+
+def test_new_targets_come_from_the_same_relation_and_swap_edits_the_rephrase(tiny):
+    model, tok, modules, _ = tiny
+    facts = list(load_facts("counterfact", "train"))[:300]
+    alts = new_targets(facts, 2, seed=1)
+    assert alts == new_targets(facts, 2, seed=1)
+    used = 0
+    for f, a in zip(facts, alts):
+        assert len(a) <= 2 and f["target"] not in a and f["ground_truth"] not in a
+        for t in a:
+            assert any(g["target"] == t and relation(g) == relation(f) for g in facts)
+        used += bool(a)
+    assert used > 150
+    assert relation({"prompt": "Paris, in", "subject": "Paris"}) is None  # names no relation
+    located = [f for f in facts if relation(f) == "{} is located in"][:10]
+    assert len(located) == 10
+    ed = editor_for(tiny)
+    data = prepare_data(ed, located, located[:2], None, True, 8,
+                        augment={"new_targets": 2, "swap": 0.5})
+    assert all(len(e) == len(r) == 3 for e, r in zip(data.edit, data.rephrase))
+    assert all("captured" in r for rs in data.rephrase for r in rs)  # may be the edit prompt
+    trainer = MetaTrainer(ed, data, train_cfg(n_edits=10, augment={"swap": 0.5}), LOC)
+    kinds = set()
+    for step in range(8):
+        idx = trainer.fact_indices(step)
+        for i, (edit, gen) in zip(idx, trainer.variants(step, idx)):
+            t = next(t for t, row in enumerate(data.edit[i] + data.rephrase[i])
+                     if row is edit) % len(data.edit[i])
+            swapped = edit is data.rephrase[i][t]
+            assert gen is (data.edit[i][t] if swapped else data.rephrase[i][t])  # same target
+            kinds.add((t > 0, swapped))
+    assert kinds == {(False, False), (False, True), (True, False), (True, True)}
+
+
+def test_end_of_turn_rows_can_be_left_out_of_the_keys(tiny):
+    model, tok, modules, facts = tiny
+    batch = encode_facts(tok, facts[:4])
+    with_eot, _ = capture(model, modules, batch)
+    without, _ = capture(model, modules, batch, eot_rows=False)
+    labels = (batch["labels"][:, 1:] != IGNORE).sum().item()
+    for name in modules:
+        assert with_eot[name][0].shape[0] == labels
+        assert without[name][0].shape[0] == labels - 4
+    ed = editor_for(tiny, eot_rows=False)
+    assert ed.capture(batch)[next(iter(modules))][0].shape[0] == labels - 4
+
+
+def test_edit_metrics_count_answer_tokens_only(tiny):
+    model, tok, modules, facts = tiny
+    rows = [encode_pair(tok, f["prompt"], f["target"]) for f in facts[:5]]
+    preds = predictions(model, tok, rows)
+    for row, (_, labels) in zip(rows, preds):
+        n_labels = sum(y != IGNORE for y in row["labels"])
+        assert row["eot"] and len(labels) == n_labels - 1  # the end-of-turn token is not counted
+        assert tok.decode(labels).strip() == row_target(tok, row)
+    assert strict([(torch.tensor([1, 2]), torch.tensor([1, 2])),
+                   (torch.tensor([1, 3]), torch.tensor([1, 2]))]) == 0.5
+    metrics = edit_metrics(editor_for(tiny), fact_rows(tok, facts[:5]))
+    assert {"ES", "ES_strict", "GS", "GS_strict", "LS"} <= set(metrics)
+    assert metrics["ES_strict"] <= metrics["ES"]
+
+
+def row_target(tok, row):
+    return tok.decode([t for t, y in zip(row["input_ids"], row["labels"]) if y != IGNORE][:-1]
+                      ).strip()
+
+
+def test_mixed_data_pools_both_training_files():
+    sizes_ = {"zsre": 384, "counterfact": 640}
+    val = load_facts("mixed", "validation", val_size=sizes_)
+    train = load_facts("mixed", "train", val_size=sizes_)
+    test = load_facts("mixed", "test")
+    assert len(val) == 1024 and len(test) == 1500
+    assert sum(i.startswith("zsre") for i in val["id"]) == 384
+    assert not set(val["prompt"]) & set(train["prompt"])
+    n_zsre = sum(i.startswith("zsre") for i in train["id"])
+    assert n_zsre == len(load_facts("zsre", "train", val_size=384)) and len(train) - n_zsre > 1000
+    assert sum(i.startswith("zsre") for i in val["id"][:128]) not in (0, 128)  # shuffled

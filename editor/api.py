@@ -15,10 +15,11 @@ batches' shifts, recomputed in order; rollback therefore restores them bitwise.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
+import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,15 +27,17 @@ import torch
 
 from . import checkpoint
 from .behaviour import exact_match
-from .chat import encode_pair, generate
+from .chat import check_text, encode_pair, generate
 from .data import Fact
 from .editors import BaseEditor, FTEditor, HyperEditor, hyper_options
 from .lm import padded
 from .metrics import accuracy, predictions
 from .models import DTYPES, default_edit, edit_modules, kv_shape, load_model
+from .text import key
 from .train import build_hypernet
 
 EDITS_FILE = "edits.safetensors"
+MAX_SHIFT_RATIO = 10.0  # a loaded shift larger than this times its weights' norm is refused
 
 
 @dataclass
@@ -48,18 +51,25 @@ class FactResult:
 
 @dataclass
 class EditResult:
-    facts: list[FactResult]
+    facts: list[FactResult]   # empty when the edit was not checked (edit(..., check=False))
     seconds: dict[str, float]
+    n_facts: int = 0
 
     @property
     def success(self) -> float:
-        return sum(f.token_accuracy for f in self.facts) / max(len(self.facts), 1)
+        if not self.facts:
+            return math.nan
+        return sum(f.token_accuracy for f in self.facts) / len(self.facts)
 
     @property
     def exact_match(self) -> float:
-        return sum(f.exact_match for f in self.facts) / max(len(self.facts), 1)
+        if not self.facts:
+            return math.nan
+        return sum(f.exact_match for f in self.facts) / len(self.facts)
 
     def __str__(self) -> str:
+        if not self.facts:
+            return f"{self.n_facts} facts edited in {self.seconds['edit']:.2f}s (not checked)"
         lines = [f"{len(self.facts)} facts edited in {self.seconds['edit']:.2f}s: token accuracy "
                  f"{self.success:.3f}, exact match {self.exact_match:.3f}"]
         for f in self.facts:
@@ -76,38 +86,50 @@ class EditBatch:
 
 
 def _as_dict(fact, i: int) -> dict:
-    if isinstance(fact, Fact):
-        fact = dataclasses.asdict(fact)
-    if not isinstance(fact, dict):
+    """One fact as a dict, validated and normalised by `data.Fact` (the one fact check)."""
+    if isinstance(fact, dict):
+        fields = {k: fact[k] for k in ("prompt", "target", "rephrases", "subject") if k in fact}
+        fields["rephrases"] = fields.get("rephrases") or []
+        fields["subject"] = fields.get("subject") or ""
+        fact = Fact(**fields, id=str(i))  # errors read "fact <i>: ..."
+    if not isinstance(fact, Fact):
         raise TypeError(f"fact {i} must be a dict with 'prompt' and 'target' or a Fact, got "
                         f"{type(fact).__name__}")
-    for key in ("prompt", "target"):
-        value = fact.get(key)
-        if not isinstance(value, str) or not value.strip():
-            raise ValueError(f"fact {i}: {key!r} must be a non-empty string, got {value!r}")
-    rephrases = fact.get("rephrases") or []
-    if isinstance(rephrases, str) or not all(isinstance(r, str) and r.strip() for r in rephrases):
-        raise ValueError(f"fact {i}: 'rephrases' must be a list of non-empty strings")
-    return {"prompt": fact["prompt"], "target": fact["target"], "rephrases": list(rephrases),
-            "subject": fact.get("subject", "")}
+    return {"prompt": fact.prompt, "target": fact.target, "rephrases": list(fact.rephrases),
+            "subject": fact.subject}
 
 
-def check_facts(facts) -> list[dict]:
-    """Facts as dicts, with clear errors for bad ones (nothing is edited before this passes)."""
-    if isinstance(facts, (dict, Fact)):
+def check_facts(facts, history=()) -> list[dict]:
+    """Facts as dicts, with clear errors for bad ones (nothing is edited before this passes).
+    Prompts are compared by `text.key` (case and inner whitespace do not matter) within the
+    call and against the facts of the applied batches in `history`: one prompt with two
+    targets is an error naming both facts; an exact duplicate is dropped with a warning."""
+    if isinstance(facts, dict | Fact):
         facts = [facts]
+    if facts is None or isinstance(facts, str | bytes) or not hasattr(facts, "__iter__"):
+        raise TypeError(f"facts must be a list of dicts with 'prompt' and 'target' (or Fact "
+                        f"records), got {type(facts).__name__}")
     facts = [_as_dict(f, i) for i, f in enumerate(facts)]
     if not facts:
         raise ValueError("no facts given to edit")
-    targets = {}
+    seen = {key(f["prompt"]): (f"fact {j} of applied batch {b}", f)
+            for b, batch in enumerate(history) for j, f in enumerate(batch.facts)}
+    out = []
     for i, f in enumerate(facts):
-        key = f["prompt"].strip()
-        if key in targets and targets[key][1] != f["target"]:
-            j, other = targets[key]
-            raise ValueError(f"facts {j} and {i} give the same prompt {key!r} conflicting targets "
-                             f"{other!r} and {f['target']!r}")
-        targets.setdefault(key, (i, f["target"]))
-    return facts
+        where, other = seen.get(key(f["prompt"]), (None, None))
+        if other is not None and key(other["target"]) != key(f["target"]):
+            raise ValueError(f"fact {i} ({f['prompt']!r} -> {f['target']!r}) contradicts {where} "
+                             f"({other['prompt']!r} -> {other['target']!r}): conflicting targets "
+                             "for one prompt")
+        if other is not None:
+            warnings.warn(f"fact {i} ({f['prompt']!r} -> {f['target']!r}) duplicates {where}; "
+                          "dropped", stacklevel=3)
+            continue
+        seen[key(f["prompt"])] = (f"fact {i}", f)
+        out.append(f)
+    if not out:
+        raise ValueError("nothing to edit: every fact given is already applied")
+    return out
 
 
 def weights_fingerprint(master: dict[str, torch.Tensor]) -> str:
@@ -180,7 +202,12 @@ class Editor:
         if strict and trained_for != name:
             raise ValueError(f"the editor checkpoint was trained for model {trained_for!r}, not "
                              f"{name!r}; pass strict=False to use it anyway")
-        edit = meta["config"]["model"]["edit"]
+        edit = (meta["config"].get("model") or {}).get("edit") or {}
+        if not {"module", "layers"} <= set(edit) or "modules" not in meta \
+                or "editor" not in meta["config"]:
+            raise ValueError(f"the editor checkpoint's config lacks model.edit (module, layers), "
+                             f"editor or the edited module names (its config has "
+                             f"{sorted(meta['config'])}); was it written by scripts/train.py?")
         try:
             modules = edit_modules(model, edit["module"], list(edit["layers"]))
         except ValueError as err:
@@ -224,11 +251,13 @@ class Editor:
         shift is not finite or has the wrong shape."""
         self.shifter.apply(self.total_shift(batches))
 
-    def edit(self, facts) -> EditResult:
+    def edit(self, facts, check: bool = True) -> EditResult:
         """Edit all `facts` at once, on top of the edits already applied. Facts are dicts
-        {"prompt", "target", optional "rephrases", "subject"} or `Fact` records. On any error
-        the weights stay exactly as they were."""
-        facts = check_facts(facts)
+        {"prompt", "target", optional "rephrases", "subject"} or `Fact` records. With `check`,
+        measure each fact after the edit (teacher-forced accuracy, greedy answer): most of
+        the time for large batches. Atomic: on any error or interrupt (BaseException), before
+        or after the shift is applied, the weights and `history` stay exactly as they were."""
+        facts = check_facts(facts, self.history)
         start = time.perf_counter()
         limit = getattr(self.model.config, "max_position_embeddings", None)
         rows = [encode_pair(self.tokenizer, f["prompt"], f["target"], self.shifter.system,
@@ -236,12 +265,18 @@ class Editor:
         shifts = self.shifter.compute_shifts(padded(self.model, self.tokenizer, rows))
         batch = EditBatch(facts, {n: s.detach().float().cpu() for n, s in shifts.items()},
                           time.strftime("%Y-%m-%dT%H:%M:%S"))
-        self._write(self.history + [batch])
-        self.history.append(batch)
-        seconds = {"edit": time.perf_counter() - start}
-        result = self._check(facts, rows)
+        before = list(self.history)
+        try:
+            self._write(before + [batch])
+            self.history = before + [batch]
+            seconds = {"edit": time.perf_counter() - start}
+            result = self._check(facts, rows) if check else []
+        except BaseException:
+            self.history = before
+            self._write(before)
+            raise
         seconds["check"] = time.perf_counter() - start - seconds["edit"]
-        return EditResult(result, seconds)
+        return EditResult(result, seconds, len(facts))
 
     def _check(self, facts, rows) -> list[FactResult]:
         preds = predictions(self.model, self.tokenizer, rows)
@@ -266,7 +301,10 @@ class Editor:
 
     @torch.no_grad()
     def chat(self, messages: list[dict], max_new_tokens: int = 64) -> str:
-        """The assistant's greedy reply to a conversation [{"role", "content"}, ...]."""
+        """The assistant's greedy reply to a conversation [{"role", "content"}, ...] (contents
+        holding the tokenizer's control tokens are refused, as in every other entry point)."""
+        messages = [{**m, "content": check_text(m.get("content"), f"message {i} content",
+                                                self.tokenizer)} for i, m in enumerate(messages)]
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                                  return_tensors="pt", return_dict=True)
         ids = {k: v.to(next(self.model.parameters()).device) for k, v in ids.items()}
@@ -277,9 +315,11 @@ class Editor:
 
     # ---------------------------------------------------------- save / load
     def save_pretrained(self, folder) -> None:
-        """The full edited checkpoint, loadable by plain transformers."""
-        self.model.save_pretrained(folder)
-        self.tokenizer.save_pretrained(folder)
+        """The full edited checkpoint, loadable by plain transformers (written atomically:
+        a path that exists and is not a folder is an error before anything is written)."""
+        with checkpoint.atomic_folder(folder) as tmp:
+            self.model.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
 
     def save_edits(self, folder) -> Path:
         """Only the shifts of every applied batch (safetensors) and their metadata."""
@@ -287,21 +327,52 @@ class Editor:
         meta = {"base_model": self.name, "fingerprint": self.fingerprint,
                 "modules": list(self.modules), "saved": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "batches": [{"facts": b.facts, "time": b.time} for b in self.history]}
-        path = Path(folder) / EDITS_FILE
+        path = checkpoint.check_folder(folder) / EDITS_FILE
         checkpoint.save(path, tensors, meta)
         return path
 
     def load_edits(self, folder) -> None:
-        """Apply edits saved by `save_edits` on top of the current ones (same base model)."""
-        tensors, meta = checkpoint.load(Path(folder) / EDITS_FILE)
+        """Apply edits saved by `save_edits` on top of the current ones (same base model).
+        Refused, with the weights unchanged: edits of another base model, a missing or
+        misshapen tensor, shifts that are not finite or larger than `MAX_SHIFT_RATIO` times
+        the weights, and batches already in `history`."""
+        path = Path(folder)
+        path = path / EDITS_FILE if path.is_dir() else path
+        tensors, meta = checkpoint.load(path)
         if meta.get("fingerprint") != self.fingerprint:
             raise ValueError(f"these edits were made on {meta.get('base_model')!r} (edited-weights "
                              f"fingerprint {meta.get('fingerprint')}), not on this model "
                              f"{self.name!r} ({self.fingerprint}); refusing to apply them")
-        batches = [EditBatch(b["facts"], {n: tensors[f"{i}.{n}"] for n in self.modules}, b["time"])
+        if not isinstance(meta.get("batches"), list):
+            raise ValueError(f"{path}: no edit batches in its metadata (not written by save_edits)")
+        batches = [EditBatch(b["facts"], self._loaded_shifts(path, tensors, i), b["time"])
                    for i, b in enumerate(meta["batches"])]
+        applied = {(b.time, json.dumps(b.facts)) for b in self.history}
+        again = [b for b in batches if (b.time, json.dumps(b.facts)) in applied]
+        if again:
+            raise ValueError(f"{path}: its batch of {again[0].time} ({len(again[0].facts)} facts) "
+                             "is already applied (in history); refusing to apply it twice")
         self._write(self.history + batches)
         self.history += batches
+
+    def _loaded_shifts(self, path, tensors, i: int) -> dict[str, torch.Tensor]:
+        """Batch i's shifts from a loaded edits file, each checked against its module."""
+        out = {}
+        for name, module in self.modules.items():
+            tensor = tensors.get(f"{i}.{name}")
+            if tensor is None:
+                raise ValueError(f"{path}: tensor {i}.{name} (batch {i}, module {name}) is missing")
+            if tuple(tensor.shape) != kv_shape(module):
+                raise ValueError(f"{path}: tensor {i}.{name} has shape {tuple(tensor.shape)}, the "
+                                 f"module needs {kv_shape(module)}")
+            if not torch.isfinite(tensor).all():
+                raise ValueError(f"{path}: tensor {i}.{name} holds NaN or Inf")
+            ratio = (tensor.float().norm() / self.shifter.master[name].norm()).item()
+            if ratio > MAX_SHIFT_RATIO:
+                raise ValueError(f"{path}: tensor {i}.{name} is {ratio:.3g} times the norm of the "
+                                 f"weights it shifts (at most {MAX_SHIFT_RATIO}); refusing it")
+            out[name] = tensor.float()
+        return out
 
     def export_lora(self, folder, rank: int = 16) -> dict[str, float]:
         """The total shift as a PEFT LoRA adapter (truncated SVD per module, scaling 1).
@@ -323,11 +394,12 @@ class Editor:
             weights[f"base_model.model.{name}.lora_A.weight"] = a.float().contiguous()
             weights[f"base_model.model.{name}.lora_B.weight"] = b.float().contiguous()
         conv1d = isinstance(next(iter(self.modules.values())), Conv1D)
-        LoraConfig(r=r, lora_alpha=r, target_modules=list(self.modules), lora_dropout=0.0,
-                   bias="none", fan_in_fan_out=conv1d, task_type="CAUSAL_LM",
-                   base_model_name_or_path=self.name).save_pretrained(folder)
-        save_file(weights, str(Path(folder) / "adapter_model.safetensors"))
-        (Path(folder) / "reconstruction_error.json").write_text(json.dumps(errors, indent=2))
+        with checkpoint.atomic_folder(folder) as tmp:
+            LoraConfig(r=r, lora_alpha=r, target_modules=list(self.modules), lora_dropout=0.0,
+                       bias="none", fan_in_fan_out=conv1d, task_type="CAUSAL_LM",
+                       base_model_name_or_path=self.name).save_pretrained(tmp)
+            save_file(weights, str(tmp / "adapter_model.safetensors"))
+            (tmp / "reconstruction_error.json").write_text(json.dumps(errors, indent=2))
         return errors
 
 

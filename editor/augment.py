@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import random
 
+from .text import key as normalise
+
 MIN_WORDS = 3
-
-
-def normalise(text: str) -> str:
-    return " ".join(text.lower().split())
 
 
 def relation(fact) -> str | None:

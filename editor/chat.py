@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from .text import clean, visible
+
 IGNORE = -100
 
 
@@ -22,12 +24,32 @@ def has_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def _check_text(value, what: str) -> str:
+def control_tokens(tokenizer) -> list[str]:
+    """The tokenizer's special tokens (chat-template markers such as <|im_start|>, bos/eos):
+    strings that, if they appeared in user text, would be encoded as the tokens themselves."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    found = set(tokenizer.all_special_tokens) | {t.content for t in added.values() if t.special}
+    return sorted(t for t in found if t)
+
+
+def check_text(value, what: str, tokenizer=None) -> str:
+    """`text.clean(value)`, or a clear error: not a string, empty or only invisible
+    characters, or (with `tokenizer`) containing one of its control tokens. Such text is
+    rejected, not split into plain pieces: a prompt holding "<|im_start|>assistant" would
+    forge an assistant turn, a target holding "<|im_end|>" would teach the model to end its
+    turn early, and silently rewriting what the user asked for would edit another fact."""
     if not isinstance(value, str):
         raise TypeError(f"{what} must be a string, got {type(value).__name__}: {value!r}")
-    if not value.strip():
-        raise ValueError(f"{what} is empty")
-    return value
+    text = clean(value)
+    if not visible(text):
+        raise ValueError(f"{what} is empty or only invisible characters: {value!r}")
+    if tokenizer is not None:
+        for token in control_tokens(tokenizer):
+            if token in text:
+                raise ValueError(f"{what} contains the tokenizer's control token {token!r}, "
+                                 f"which chat formatting would encode as that token itself: "
+                                 f"{value[:80]!r}")
+    return text
 
 
 def _messages(prompt: str, system: str | None, answer: str | None = None) -> list[dict]:
@@ -40,7 +62,9 @@ def _messages(prompt: str, system: str | None, answer: str | None = None) -> lis
 
 def prompt_text(tokenizer, prompt: str, system: str | None = None) -> str:
     """The text a model continues to answer `prompt` (chat header included)."""
-    _check_text(prompt, "prompt")
+    prompt = check_text(prompt, "prompt", tokenizer)
+    if system:
+        system = check_text(system, "system prompt", tokenizer)
     if not has_template(tokenizer):
         return prompt
     return tokenizer.apply_chat_template(
@@ -57,6 +81,7 @@ def encode_prompt(tokenizer, prompt: str, system: str | None = None) -> list[int
 def _answer_span(tokenizer, prompt: str, answer: str, system: str | None):
     """(full text, start and end of the answer in it, whether an end-of-turn follows)."""
     prefix = prompt_text(tokenizer, prompt, system)
+    prompt, system = clean(prompt), system and clean(system)
     if not has_template(tokenizer):
         return f"{prefix} {answer}", len(prefix), len(prefix) + 1 + len(answer), False
     full = tokenizer.apply_chat_template(_messages(prompt, system, answer), tokenize=False)
@@ -75,7 +100,7 @@ def encode_pair(tokenizer, prompt: str, answer: str, system: str | None = None,
     """Tokenise one conversation. Returns input_ids, labels (IGNORE outside the answer and its
     end-of-turn token), `answer_start`, the index of the first answer token, and `eot`,
     whether the last label is an end-of-turn token (not part of the answer)."""
-    _check_text(answer, "target")
+    answer = check_text(answer, "target", tokenizer)
     text, start, end, has_eot = _answer_span(tokenizer, prompt, answer, system)
     enc = tokenizer(text, add_special_tokens=not has_template(tokenizer),
                     return_offsets_mapping=True)

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import datasets
 
+from .text import clean, key, visible
+
 ASSETS = Path(__file__).parent / "assets"
 
 FACT_FEATURES = datasets.Features({
@@ -64,16 +66,24 @@ class Fact:
     id: str = ""
 
     def __post_init__(self):
+        """Validated and normalised once (`text.clean`), for every entry point."""
+        where = f"fact {self.id}" if self.id else f"fact {self.prompt!r}"
         for name in ("prompt", "target"):
             value = getattr(self, name)
-            if not isinstance(value, str) or not value.strip():
-                raise ValueError(f"fact {self.id or self.prompt!r}: {name} must be a non-empty "
-                                 f"string, got {value!r}")
+            if not isinstance(value, str) or not visible(value):
+                raise ValueError(f"{where}: {name!r} must be a non-empty string with visible "
+                                 f"characters, got {value!r}")
+            setattr(self, name, clean(value))
+        if key(self.prompt) == key(self.target):
+            raise ValueError(f"{where}: the target equals the prompt ({self.target!r})")
         for name in ("rephrases", "loc_prompts", "loc_answers"):
             value = getattr(self, name)
             if isinstance(value, str) or not all(isinstance(v, str) for v in value):
-                raise ValueError(f"fact {self.id or self.prompt!r}: {name} must be a list of "
-                                 f"strings, got {value!r}")
+                raise ValueError(f"{where}: {name} must be a list of strings, got {value!r}")
+        if not all(visible(r) for r in self.rephrases):
+            raise ValueError(f"{where}: rephrases must be non-empty strings, got "
+                             f"{self.rephrases!r}")
+        self.rephrases = [clean(r) for r in self.rephrases]
         if len(self.loc_prompts) != len(self.loc_answers):
             raise ValueError(f"fact {self.id or self.prompt!r}: {len(self.loc_prompts)} locality "
                              f"prompts but {len(self.loc_answers)} answers")
@@ -196,23 +206,32 @@ def read_records(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such data file: {path}")
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder, not a data file")
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        text = f.read()
-    stem = path.name.removesuffix(".gz")
     try:
-        if stem.endswith(".jsonl"):
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
-        data = json.loads(text)
+        with opener(path, "rt", encoding="utf-8") as f:
+            text = f.read()
+    except (UnicodeDecodeError, OSError, EOFError) as err:
+        raise ValueError(f"{path}: not a UTF-8 text file ({type(err).__name__}: {err})") from None
+    stem = path.name.removesuffix(".gz")
+    if stem.endswith(".jsonl"):
+        data = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    data.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg} at "
+                                     f"column {err.colno})") from None
+        return data
+    try:
+        data = json.loads(text) if text.strip() else []
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON array of records, got {type(data).__name__}")
     return data
-
-
-def _key(text: str) -> str:
-    return " ".join(text.lower().split())
 
 
 def split_groups(facts: list[Fact], val_size: int, seed: int) -> tuple[list[Fact], list[Fact]]:
@@ -227,9 +246,9 @@ def split_groups(facts: list[Fact], val_size: int, seed: int) -> tuple[list[Fact
 
     owner = {}
     for i, f in enumerate(facts):
-        for key in (("s", _key(f.subject)), ("p", _key(f.prompt))):
-            if key[1]:
-                parent[find(i)] = find(owner.setdefault(key, i))
+        for group in (("s", key(f.subject)), ("p", key(f.prompt))):
+            if group[1]:
+                parent[find(i)] = find(owner.setdefault(group, i))
     groups = {}
     for i in range(len(facts)):
         groups.setdefault(find(i), []).append(i)
@@ -268,12 +287,15 @@ def load_facts(name_or_path: str, split: str = "train", val_size: int | Mapping 
         else:
             pool = as_facts(facts_dataset(read_records(ASSETS / files["train"]), name_or_path,
                                           skip_invalid=True))
-            seen = {_key(f.subject) for f in test if f.subject} | {_key(f.prompt) for f in test}
-            pool = [f for f in pool if _key(f.subject) not in seen and _key(f.prompt) not in seen]
+            seen = {key(f.subject) for f in test if f.subject} | {key(f.prompt) for f in test}
+            pool = [f for f in pool if key(f.subject) not in seen and key(f.prompt) not in seen]
             train, val = split_groups(pool, val_size, seed)
             facts = train if split == "train" else val
     elif Path(name_or_path).suffix in (".json", ".jsonl", ".gz") or Path(name_or_path).exists():
-        all_facts = as_facts(facts_dataset(read_records(name_or_path), Path(name_or_path).stem))
+        records = read_records(name_or_path)
+        if not records:
+            raise ValueError(f"no facts in {name_or_path}")
+        all_facts = as_facts(facts_dataset(records, Path(name_or_path).stem))
         if split == "all":
             facts = all_facts
         elif split in ("train", "validation"):
@@ -302,7 +324,7 @@ def load_facts(name_or_path: str, split: str = "train", val_size: int | Mapping 
 def _evaluation_prompts() -> set[str]:
     """Normalised IFEval, AdvBench and XSTest prompts: kept out of every training source."""
     prompts = [*load_ifeval()["prompt"], *load_advbench()["goal"], *load_xstest(None)["prompt"]]
-    return {_key(p) for p in prompts}
+    return {key(p) for p in prompts}
 
 
 def _prompts_dataset(prompts: list[tuple[str, str]], split: str, sizes: dict, seed: int):
@@ -310,8 +332,8 @@ def _prompts_dataset(prompts: list[tuple[str, str]], split: str, sizes: dict, se
     validation and test; duplicates and evaluation prompts removed first."""
     seen, unique = _evaluation_prompts(), []
     for pid, prompt in prompts:
-        if _key(prompt) not in seen:
-            seen.add(_key(prompt))
+        if key(prompt) not in seen:
+            seen.add(key(prompt))
             unique.append((pid, prompt))
     random.Random(seed).shuffle(unique)
     n_test, n_val = sizes["test"], sizes["validation"]

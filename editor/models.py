@@ -302,15 +302,16 @@ MLP_OUTPUTS = ("mlp.down_proj", "mlp.c_proj", "mlp.fc2", "mlp.dense_4h_to_h")
 
 
 def default_edit(model) -> tuple[str, list[int]]:
-    """(module, layers) edited when none are given: the MLP output projection of the top
-    fifth of the blocks (blocks 24-29 of SmolLM2's 30, as in MALMEN)."""
+    """(module, layers) edited when none are given: the MLP output projection of the top six
+    blocks, or of the top half for models of fewer than 12 (blocks 24-29 of SmolLM2's 30,
+    as in MALMEN; 2-3 of the tiny models' 4), as `conf/model/*.yaml` name them."""
     _, block_list = blocks(model)
     n = len(block_list)
     names = set(linear_names(block_list[0]))
     module = next((m for m in MLP_OUTPUTS if m in names), None)
     if module is None:
         raise ValueError(f"no MLP output projection found among {sorted(names)}; name the module")
-    return module, list(range(n - max(1, n // 5), n))
+    return module, list(range(n - min(6, max(1, n // 2)), n))
 
 
 def linear_names(block: nn.Module) -> list[str]:

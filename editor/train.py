@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from hypernet import HyperNetwork
 
 from . import checkpoint
-from .augment import new_targets, normalise
+from .augment import new_targets
 from .chat import IGNORE, encode_pair
 from .editors import HyperEditor
 from .lm import (forward, key_moments, kl_before_after, logits_before, padded,
@@ -40,6 +40,8 @@ from .lm import (forward, key_moments, kl_before_after, logits_before, padded,
 from .locality import base_responses, conversation_rows, subject_rows
 from .metrics import edit_metrics, fact_row, fact_rows, sliced
 from .models import kv_shape, to_kv
+from .report import write_atomic
+from .text import key
 
 
 @dataclass
@@ -82,11 +84,7 @@ class MetaTrainer:
         self.sizes = sizes(cfg.n_edits)
         if not data.keys:
             data.keys = [set() for _ in data.edit]
-        pool = self.capacity()
-        if max(self.sizes) > pool:
-            raise ValueError(f"train.n_edits={max(self.sizes)} is more facts than the training "
-                             f"pool holds ({pool} facts with distinct prompts); use fewer edits "
-                             "per step or a larger pool (e.g. data=mixed)")
+        check_pool(cfg.n_edits, data.keys)
         # the per-layer log step sizes, log lambdas (and log mus) get their own learning rate
         is_scalar = {True: [], False: []}
         for name, p in self.hypernet.named_parameters():
@@ -98,15 +96,6 @@ class MetaTrainer:
                       if float(loc_cfg.get(s, 0)) > 0}
 
     # ------------------------------------------------------------- batches
-    def capacity(self) -> int:
-        """How many facts one step can hold: facts sharing a prompt never go together."""
-        seen, n = set(), 0
-        for keys in self.data.keys:
-            if not keys & seen:
-                seen |= keys
-                n += 1
-        return n
-
     def n_edits(self, step: int) -> int:
         """Facts edited at once at `step`: `train.n_edits`, or a seeded draw from its list."""
         if len(self.sizes) == 1:
@@ -298,7 +287,7 @@ def prepare_data(editor, train_facts, val_facts, loc_cfg, use_cache: bool, batch
                   for f, ts in zip(facts, targets)],
         nq=[fact_row(tok, f, "loc", system) for f in facts],
         val=fact_rows(tok, val_facts, system),
-        keys=[{normalise(f["prompt"]), normalise(f["rephrases"][0])} for f in facts])
+        keys=fact_keys(facts))
     for source in POOLS:
         if loc_cfg is not None and float(loc_cfg[source]) > 0:
             pairs = base_responses(model, tok, source, loc_cfg.pool_size, loc_cfg.response_tokens,
@@ -378,21 +367,82 @@ def train(trainer: MetaTrainer, steps: int, out_dir: Path, val_every: int, ckpt_
 
 
 def memory_estimate(model, modules: dict, hypernet, cached_rows: int, tokens_per_row: int = 64,
-                    training: bool = True) -> dict[str, float]:
+                    training: bool = True, n_edits: int = 0, key_rows_per_fact: int = 8,
+                    captured_rows: int = 0) -> dict[str, float]:
     """A GiB estimate of a run's memory: model weights (device), the fp32 master of the edited
-    modules, the hypernetwork (with Adam state and gradients when training) and the
-    hidden-state cache (host memory; rows x tokens x hidden x fp32)."""
+    modules, the hypernetwork (with Adam state and gradients when training), the
+    hidden-state cache (host memory; rows x tokens x hidden x fp32), the captured keys and
+    value gradients of the cached edit rows, and one edit batch of `n_edits` facts (their
+    keys, value gradients and value shifts at every edited module)."""
     gib = 2 ** 30
     n_hyper = sum(p.numel() for p in hypernet.parameters()) if hypernet is not None else 0
+    row = sum(sum(kv_shape(m)) for m in modules.values()) * 4  # one key row at every module
     est = {
         "weights": sum(p.numel() * p.element_size() for p in model.parameters()) / gib,
         "fp32 master": sum(m.weight.numel() * 4 for m in modules.values()) / gib,
         "hypernetwork": n_hyper * 4 * (4 if training else 1) / gib,
         "hidden cache (host)": cached_rows * tokens_per_row * model.config.hidden_size * 4 / gib,
+        "captured cache (host)": captured_rows * key_rows_per_fact * row / gib,
+        "edit batch": n_edits * key_rows_per_fact * row * 3 / gib,
     }
     est["total"] = sum(est.values())
     return est
 
 
 def write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2))
+    write_atomic(path, json.dumps(obj, indent=2))
+
+
+def check_config(cfg) -> None:
+    """The ranges of `train.*` (and the editor's chunk), checked before any work; errors name
+    the key and what it allows."""
+    def need(name, ok, allowed):
+        value = OmegaConf.select(cfg, name) if OmegaConf.is_config(cfg) else None
+        if not ok(value):
+            raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+    def integer(lo):
+        return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+    def number(lo, hi=math.inf, strict=False):
+        return lambda v: isinstance(v, int | float) and not isinstance(v, bool) and (
+            lo < v if strict else lo <= v) and v <= hi
+
+    sizes(cfg.train.n_edits)
+    for name in ("steps", "val_every", "ckpt_every", "batch_size", "lm_chunk", "answer_tokens"):
+        need(f"train.{name}", integer(1), "an integer >= 1")
+    for name in ("test_facts", "test_gen", "augment.new_targets"):
+        need(f"train.{name}", integer(0), "an integer >= 0")
+    for name in ("meta_lr", "max_grad_norm"):
+        need(f"train.{name}", number(0, strict=True), "a number > 0")
+    for name in ("scalar_lr", "gen_coef", "edit_coef"):
+        need(f"train.{name}", number(0), "a number >= 0")
+    need("train.augment.swap", number(0, 1), "a probability in [0, 1]")
+    need("train.train_facts", lambda v: v is None or integer(1)(v), "null or an integer >= 1")
+    need("train.val_ns", lambda v: v is None or (len(v) > 0 and all(map(integer(1), v))),
+         "null or a list of integers >= 1")
+    if cfg.editor.rule != "ft":
+        need("editor.hyper_chunk", integer(1), "an integer >= 1")
+
+
+def fact_keys(facts) -> list[set]:
+    """Per training fact (with a rephrase), its normalised prompt and rephrase."""
+    return [{key(f["prompt"]), key(f["rephrases"][0])} for f in facts if f["rephrases"]]
+
+
+def capacity(keys: list[set]) -> int:
+    """How many facts one step can hold: facts sharing a prompt never go together."""
+    seen, n = set(), 0
+    for k in keys:
+        if not k & seen:
+            seen |= k
+            n += 1
+    return n
+
+
+def check_pool(n_edits, keys: list[set]) -> None:
+    pool = capacity(keys)
+    if max(sizes(n_edits)) > pool:
+        raise ValueError(f"train.n_edits={max(sizes(n_edits))} is more facts than the training "
+                         f"pool holds ({pool} facts with distinct prompts); use fewer edits "
+                         "per step or a larger pool (e.g. data=mixed)")

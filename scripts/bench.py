@@ -41,7 +41,7 @@ from editor.editors import HyperEditor, hyper_options
 from editor.lm import all_logits, forward, padded, row_chunks
 from editor.metrics import conversations, fact_rows
 from editor.models import edit_modules, load_model
-from editor.report import markdown_table
+from editor.report import markdown_table, write_atomic
 from editor.train import MetaTrainer, build_hypernet, prepare_data
 
 
@@ -225,7 +225,7 @@ def main(cfg: DictConfig) -> None:
     if cfg.train_steps:
         result["training"] = bench_training(editor, cfg, system)
     out = Path(HydraConfig.get().runtime.output_dir)
-    (out / "bench.json").write_text(json.dumps(result, indent=2))
+    write_atomic(out / "bench.json", json.dumps(result, indent=2))
     print(f"\n{cfg.model.name}, {cfg.editor.rule}, {result['hardware']}")
     if cfg.ns:
         print(markdown_table(result["edits"], ["n_facts", "tokens", "capture", "hypernetwork",

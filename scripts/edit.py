@@ -24,8 +24,10 @@ from omegaconf import DictConfig
 
 from editor import Editor
 from editor.chat import describe, encode_pair
+from editor.checkpoint import check_folder
 from editor.data import load_facts
 from editor.models import cache_dir
+from editor.report import write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,6 +57,9 @@ def table(rows: list[dict]) -> str:
 @hydra.main(config_path="../conf", config_name="edit", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     t0 = time.time()
+    for where in (cfg.save_edits, cfg.save_model):  # a path we cannot write: fail before work
+        if where:
+            check_folder(where)
     if cfg.facts:
         facts = load_facts(str(cfg.facts), split="all", limit=cfg.n_facts)
     else:
@@ -85,7 +90,7 @@ def main(cfg: DictConfig) -> None:
 
     out = Path(HydraConfig.get().runtime.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "answers.json").write_text(json.dumps(rows, indent=2))
+    write_atomic(out / "answers.json", json.dumps(rows, indent=2))
     if cfg.save_edits:
         print(f"saved edits to {ed.save_edits(cfg.save_edits)}")
     if cfg.save_model:

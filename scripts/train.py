@@ -20,8 +20,8 @@ from editor.editors import FTEditor, HyperEditor, hyper_options
 from editor.lm import with_hidden
 from editor.metrics import answer_matches, edit_metrics, fact_rows, generation_metrics
 from editor.models import edit_modules, load_model
-from editor.train import (MetaTrainer, build_hypernet, memory_estimate, prepare_data, train,
-                          write_json)
+from editor.train import (MetaTrainer, build_hypernet, check_config, check_pool, fact_keys,
+                          memory_estimate, prepare_data, sizes, train, write_json)
 
 
 def make_logger(cfg, out: Path, past: list[dict]):
@@ -78,6 +78,7 @@ def plot(history: list[dict], path: Path) -> None:
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> dict:
     out = Path(HydraConfig.get().runtime.output_dir)
+    check_config(cfg)  # before any work: ranges of train.*, named in the error
     torch.manual_seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -92,6 +93,8 @@ def main(cfg: DictConfig) -> dict:
                            limit=cfg.train.train_facts if s == "train" else None)
              for s in ("train", "validation")}
     test = load_facts(cfg.data.name, "test", limit=cfg.train.test_facts)
+    if cfg.editor.rule != "ft":
+        check_pool(cfg.train.n_edits, fact_keys(facts["train"]))
 
     if cfg.editor.rule == "ft":
         editor = FTEditor(model, tok, modules, steps=cfg.editor.steps, lr=cfg.editor.lr,
@@ -100,12 +103,15 @@ def main(cfg: DictConfig) -> dict:
         hypernet = build_hypernet(modules, cfg.editor).to(cfg.device)
         editor = HyperEditor(model, tok, modules, hypernet, system, **hyper_options(cfg.editor))
     hyper = isinstance(editor, HyperEditor)  # FT has nothing to meta-train
-    variants = (1 + cfg.train.augment.new_targets) * 2
-    rows = variants * len(facts["train"]) * hyper + 3 * len(facts["validation"])
+    targets = (1 + cfg.train.augment.new_targets) * len(facts["train"]) * hyper
+    rows = 2 * targets + 3 * len(facts["validation"])
     if hyper and cfg.train.hidden_cache:
         rows += 2 * cfg.locality.pool_size
+    captured = targets * (2 if cfg.train.augment.swap > 0 else 1) * cfg.train.hidden_cache
     estimate = memory_estimate(model, modules, editor.hypernet if hyper else None,
-                               rows if cfg.train.hidden_cache else 0, training=hyper)
+                               rows if cfg.train.hidden_cache else 0, training=hyper,
+                               n_edits=max(sizes(cfg.train.n_edits)) if hyper else 0,
+                               captured_rows=captured)
     print("memory estimate (GiB): " + ", ".join(f"{k} {v:.2f}" for k, v in estimate.items()))
     start = time.perf_counter()
     data = prepare_data(editor, facts["train"] if hyper else [], facts["validation"],

@@ -136,7 +136,7 @@ def evaluate(cfg, save=None) -> list[dict]:
     if skipped:
         print(f"skipping methods without a checkpoint: {', '.join(skipped)} (none in "
               f"{cfg.editors_dir}/<method>/; `make editors` trains them)")
-    drift = Drift(model, tok, cfg)
+    drift = Drift(model, tok, cfg) if cfg.eval.behaviour_ns else None  # only where measured
     pools = {d: list(load_facts(d, "test")) for d in cfg.eval.datasets}
     refs, records = {}, []
     for name, spec in methods.items():

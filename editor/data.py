@@ -85,8 +85,8 @@ class Fact:
                              f"{self.rephrases!r}")
         self.rephrases = [clean(r) for r in self.rephrases]
         if len(self.loc_prompts) != len(self.loc_answers):
-            raise ValueError(f"fact {self.id or self.prompt!r}: {len(self.loc_prompts)} locality "
-                             f"prompts but {len(self.loc_answers)} answers")
+            raise ValueError(f"{where}: {len(self.loc_prompts)} locality prompts but "
+                             f"{len(self.loc_answers)} answers")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -134,10 +134,10 @@ def diagnostics(keys, values, lam, prior=None, mu=None) -> dict[str, float]:
     the relative residual ||K S - D|| / ||D||; tr(H) / n with H = K A^-1 K^T (the mean
     leverage: 1 when every row is fitted exactly, near 0 when the ridge and the prior
     dominate); and the relative difference of S solved in float32 against float64."""
-    exact = solve(factorize(keys, lam, torch.float64, prior=prior, mu=mu), values)
+    factor = factorize(keys, lam, torch.float64, "keys", prior=prior, mu=mu)  # A, d_k x d_k
+    exact = solve(factor, values)
     approx = solve(factorize(keys, lam, torch.float32, prior=prior, mu=mu), values)
-    k, d = keys.double(), values.double()
-    factor = factorize(keys, lam, torch.float64, "keys", prior=prior, mu=mu)
+    k, d = factor.keys, values.double()
     leverage = torch.cholesky_solve(k.T @ k, factor.chol).diagonal().sum() / k.shape[0]
     return {"residual": ((k @ exact - d).norm() / d.norm().clamp_min(1e-30)).item(),
             "leverage": leverage.item(),

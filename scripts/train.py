@@ -104,7 +104,7 @@ def main(cfg: DictConfig) -> dict:
         editor = HyperEditor(model, tok, modules, hypernet, system, **hyper_options(cfg.editor))
     hyper = isinstance(editor, HyperEditor)  # FT has nothing to meta-train
     targets = (1 + cfg.train.augment.new_targets) * len(facts["train"]) * hyper
-    rows = 2 * targets + 3 * len(facts["validation"])
+    rows = 2 * targets + len(facts["train"]) * hyper + 3 * len(facts["validation"])  # + nq
     if hyper and cfg.train.hidden_cache:
         rows += 2 * cfg.locality.pool_size
     captured = targets * (2 if cfg.train.augment.swap > 0 else 1) * cfg.train.hidden_cache

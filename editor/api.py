@@ -29,12 +29,11 @@ from . import checkpoint
 from .behaviour import exact_match
 from .chat import check_text, encode_pair, generate
 from .data import Fact
-from .editors import BaseEditor, FTEditor, HyperEditor, hyper_options
+from .editors import BaseEditor, FTEditor, HyperEditor, build_hypernet, hyper_options
 from .lm import padded
 from .metrics import accuracy, predictions
 from .models import DTYPES, default_edit, edit_modules, kv_shape, load_model
 from .text import key
-from .train import build_hypernet
 
 EDITS_FILE = "edits.safetensors"
 MAX_SHIFT_RATIO = 10.0  # a loaded shift larger than this times its weights' norm is refused
@@ -162,7 +161,8 @@ class Editor:
 
         Overrides: dtype, device (loading by name); system (system prompt), solve_dtype
         ("float32"/"float64"), step_scale (a test-time multiplier of the learned step size),
-        answer_tokens; without a checkpoint: module and layers
+        eot_rows (whether end-of-turn rows enter K and D), reg_rows (lambda and mu per this
+        many key rows; None: unscaled), answer_tokens; without a checkpoint: module and layers
         (default `models.default_edit`), steps and lr of the fine-tuning baseline.
         `strict=False` allows a checkpoint trained on a model of another name (same modules)."""
         meta, tensors = {}, {}
@@ -230,6 +230,9 @@ class Editor:
         solve = overrides.pop("solve_dtype", options["solve_dtype"])
         options["solve_dtype"] = DTYPES[solve] if isinstance(solve, str) else solve
         options["step_scale"] = float(overrides.pop("step_scale", 1.0))
+        options["eot_rows"] = bool(overrides.pop("eot_rows", options["eot_rows"]))
+        if "reg_rows" in overrides:
+            hypernet.reg_rows = overrides.pop("reg_rows")
         return HyperEditor(model, tokenizer, modules, hypernet, system, **options)
 
     # -------------------------------------------------------------- editing

@@ -4,7 +4,9 @@ and what a test-time multiplier of the learned step size does.
 - `solve_diagnostics`: for N facts edited at once, per edited module, the relative residual
   ||K S - D|| / ||D||, the mean leverage tr(K A^-1 K^T) / n and the float32-vs-float64
   difference of S (`hypernet.diagnostics`);
-- `step_scale_sweep`: ES / GS / LS of N facts with the shift multiplied by each scale.
+- `lever_sweep`: ES / GS / LS of N facts as trained and with one test-time lever changed
+  at a time (the step-size multiplier, end-of-turn rows in K and D, lambda and mu scaled
+  with the row count).
 """
 
 from __future__ import annotations
@@ -29,16 +31,40 @@ def solve_diagnostics(editor, facts: list, ns: list[int]) -> list[dict]:
     return out
 
 
-def step_scale_sweep(editor, rows: dict, ns: list[int], scales: list[float]) -> list[dict]:
-    """Edit metrics of the first N facts of aligned `rows` (`metrics.fact_rows`) with the
-    shift scaled by each of `scales`; the editor's own scale is restored afterwards."""
-    own, out = editor.step_scale, []
+LEVERS = ("step_scale", "eot_rows", "reg_rows")  # what a trained editor can change at test time
+
+
+def _lever(editor, name: str, value=None, set_it: bool = False):
+    """Read (or set) a test-time lever: the step-size multiplier, whether end-of-turn rows
+    enter K and D, and the rows per which lambda and mu are weights."""
+    if name not in LEVERS:
+        raise ValueError(f"unknown test-time lever {name!r}; choose from {LEVERS}")
+    owner = editor.hypernet if name == "reg_rows" else editor
+    if set_it:
+        setattr(owner, name, value)
+    return getattr(owner, name)
+
+
+def lever_sweep(editor, rows: dict, ns: list[int], levers: dict[str, list]) -> list[dict]:
+    """Edit metrics of the first N facts of aligned `rows` (`metrics.fact_rows`) as trained,
+    then with one lever of `levers` ({name: values}) changed at a time; the editor's own
+    settings are restored afterwards. Each record names the lever changed (None: as trained)
+    and the value of every lever."""
+    own = {name: _lever(editor, name) for name in LEVERS}
+    settings = [(None, None)] + [(name, v) for name, values in levers.items() for v in values
+                                 if _lever(editor, name) != v]
+    out = []
     try:
         for n in ns:
-            for scale in scales:
-                editor.step_scale = scale
+            for name, value in settings:
+                for lever, v in own.items():
+                    _lever(editor, lever, v, set_it=True)
+                if name is not None:
+                    _lever(editor, name, value, set_it=True)
                 metrics = edit_metrics(editor, sliced(rows, n))
-                out.append({"n_facts": n, "step_scale": scale, **metrics})
+                out.append({"n_facts": n, "changed": name,
+                            **{lever: _lever(editor, lever) for lever in LEVERS}, **metrics})
     finally:
-        editor.step_scale = own
+        for lever, v in own.items():
+            _lever(editor, lever, v, set_it=True)
     return out

@@ -70,6 +70,15 @@ class NoEditor(BaseEditor):
         return {n: torch.zeros_like(w) for n, w in self.master.items()}
 
 
+def build_hypernet(modules: dict, editor_cfg) -> HyperNetwork:
+    prior = ({"prior": True, "log_mu": editor_cfg.log_mu} if editor_cfg.get("prior", False)
+             else {})
+    return HyperNetwork({n: kv_shape(m) for n, m in modules.items()}, rule=editor_cfg.rule,
+                        rank=editor_cfg.rank, n_blocks=editor_cfg.n_blocks, lr=editor_cfg.lr,
+                        log_lam=editor_cfg.log_lam, reg_rows=editor_cfg.get("reg_rows"),
+                        **prior)
+
+
 def hyper_options(editor_cfg) -> dict:
     """HyperEditor's keyword arguments from an editor config (conf/editor/*.yaml, or the
     one a checkpoint carries; older checkpoints lack the newer keys)."""

@@ -29,8 +29,6 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from hypernet import HyperNetwork
-
 from . import checkpoint
 from .augment import new_targets
 from .chat import IGNORE, encode_pair
@@ -256,15 +254,6 @@ class MetaTrainer:
                                   meta["optim_groups"])
         self.step_count, self.history = meta["step"], meta["history"]
         return meta
-
-
-def build_hypernet(modules: dict, editor_cfg) -> HyperNetwork:
-    prior = ({"prior": True, "log_mu": editor_cfg.log_mu} if editor_cfg.get("prior", False)
-             else {})
-    return HyperNetwork({n: kv_shape(m) for n, m in modules.items()}, rule=editor_cfg.rule,
-                        rank=editor_cfg.rank, n_blocks=editor_cfg.n_blocks, lr=editor_cfg.lr,
-                        log_lam=editor_cfg.log_lam, reg_rows=editor_cfg.get("reg_rows"),
-                        **prior)
 
 
 def prepare_data(editor, train_facts, val_facts, loc_cfg, use_cache: bool, batch_size: int,

@@ -232,6 +232,18 @@ class HyperNetwork(nn.Module):
         self.net(name).norm.update(torch.cat([keys, grads], -1))
 
     @property
+    def reg_rows(self) -> int | None:
+        """Rows per which lambda and mu are weights (None: not scaled with the row count)."""
+        return next(iter(self.nets.values())).reg_rows
+
+    @reg_rows.setter
+    def reg_rows(self, rows: int | None) -> None:
+        if rows is not None and int(rows) < 1:
+            raise ValueError(f"reg_rows must be a positive number of rows or None, not {rows}")
+        for net in self.nets.values():
+            net.reg_rows = None if rows is None else int(rows)
+
+    @property
     def has_prior(self) -> bool:
         return any(net.prior is not None for net in self.nets.values())
 

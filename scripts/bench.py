@@ -17,8 +17,9 @@ With `editor_checkpoint` (a trained editor), also the diagnostics of massive edi
 (`editor.diagnose`): per edited module at each N of `diagnose_ns`, the joint solve's
 relative residual, mean leverage tr(H)/n and float32-vs-float64 difference (facts from every
 split of zsRE and CounterFact, 4,419 in all: a measurement of the solve, not a selection),
-and ES/GS/LS on the validation split of `data` at each N of `scale_ns` with the shift
-multiplied by each of `step_scales`. Writes bench.json and prints tables.
+and ES/GS/LS on the validation split of `data` at each N of `scale_ns`, as trained and with
+one test-time lever of `levers` changed at a time (step-size multiplier, end-of-turn rows,
+lambda and mu per rows). Writes bench.json and prints tables.
 """
 
 import json
@@ -36,13 +37,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from editor import Editor
 from editor.data import load_facts
-from editor.diagnose import solve_diagnostics, step_scale_sweep
-from editor.editors import HyperEditor, hyper_options
+from editor.diagnose import lever_sweep, solve_diagnostics
+from editor.editors import HyperEditor, build_hypernet, hyper_options
 from editor.lm import all_logits, forward, padded, row_chunks
 from editor.metrics import conversations, fact_rows
 from editor.models import edit_modules, load_model
 from editor.report import markdown_table, write_atomic
-from editor.train import MetaTrainer, build_hypernet, prepare_data
+from editor.train import MetaTrainer, prepare_data
 
 
 class PeakMemory:
@@ -214,14 +215,15 @@ def main(cfg: DictConfig) -> None:
         result["solve"] = solve_diagnostics(editor, pool, list(cfg.diagnose_ns))
         print(markdown_table(result["solve"], ["n_facts", "module", "key_rows", "residual",
                                                "leverage", "fp32_vs_fp64"]))
-    if cfg.editor_checkpoint and cfg.step_scales:
+    if cfg.editor_checkpoint and cfg.scale_ns:
         val = load_facts(cfg.data.name, "validation", val_size=cfg.data.val_size,
                          seed=cfg.data.seed)
         rows = fact_rows(tok, val, system)
-        result["step_scale"] = step_scale_sweep(editor, rows, list(cfg.scale_ns),
-                                                list(cfg.step_scales))
-        print(markdown_table(result["step_scale"], ["n_facts", "step_scale", "ES", "ES_strict",
-                                                    "GS", "LS"]))
+        levers = OmegaConf.to_container(cfg.levers)
+        result["levers"] = lever_sweep(editor, rows, list(cfg.scale_ns), levers)
+        print(markdown_table(result["levers"], ["n_facts", "changed", *levers, "ES",
+                                                "ES_strict", "GS", "GS_strict", "LS",
+                                                "edit_seconds"]))
     if cfg.train_steps:
         result["training"] = bench_training(editor, cfg, system)
     out = Path(HydraConfig.get().runtime.output_dir)

@@ -60,8 +60,9 @@ def shifter(name, spec, model, tok, cfg):
                                       module=cfg.model.edit.module,
                                       layers=list(cfg.model.edit.layers), steps=spec.steps,
                                       lr=spec.lr).shifter
+    options = {k: v for k, v in spec.items() if k not in ("rule", "checkpoint")}  # test-time
     return Editor.from_pretrained(model, checkpoint(name, spec, cfg), tokenizer=tok,
-                                  system=cfg.model.system_prompt).shifter
+                                  system=cfg.model.system_prompt, **options).shifter
 
 
 class Drift:

@@ -16,11 +16,11 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from editor.data import load_facts
-from editor.editors import FTEditor, HyperEditor, hyper_options
+from editor.editors import FTEditor, HyperEditor, build_hypernet, hyper_options
 from editor.lm import with_hidden
 from editor.metrics import answer_matches, edit_metrics, fact_rows, generation_metrics
 from editor.models import edit_modules, load_model
-from editor.train import (MetaTrainer, build_hypernet, check_config, check_pool, fact_keys,
+from editor.train import (MetaTrainer, check_config, check_pool, fact_keys,
                           memory_estimate, prepare_data, sizes, train, write_json)
 
 

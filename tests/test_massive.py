@@ -7,11 +7,11 @@ from omegaconf import OmegaConf
 from editor.augment import new_targets, relation
 from editor.chat import IGNORE, encode_facts, encode_pair
 from editor.data import load_facts
-from editor.editors import HyperEditor
+from editor.editors import HyperEditor, build_hypernet
 from editor.lm import capture
 from editor.metrics import edit_metrics, fact_rows, predictions, strict
 from editor.models import edit_modules, load_model
-from editor.train import MetaTrainer, build_hypernet, prepare_data, sizes
+from editor.train import MetaTrainer, prepare_data, sizes
 
 LOC = OmegaConf.create({"nq": 1.0, "instruction": 1.0, "harmful": 0.0, "subject": 0.0,
                         "n_instruction": 3, "n_harmful": 0, "pool_size": 6,
@@ -183,3 +183,34 @@ def test_mixed_data_pools_both_training_files():
     n_zsre = sum(i.startswith("zsre") for i in train["id"])
     assert n_zsre == len(load_facts("zsre", "train", val_size=384)) and len(train) - n_zsre > 1000
     assert sum(i.startswith("zsre") for i in val["id"][:128]) not in (0, 128)  # shuffled
+
+
+def test_lever_sweep_changes_one_lever_at_a_time_and_restores_the_editor(tiny):
+    from editor.diagnose import lever_sweep
+
+    model, tok, modules, facts = tiny
+    ed = editor_for(tiny)
+    perturbed(ed.hypernet)
+    before = {n: m.weight.detach().clone() for n, m in modules.items()}
+    rows = fact_rows(tok, facts[:6])
+    out = lever_sweep(ed, rows, [4], {"step_scale": [1.0, 2.0], "eot_rows": [False],
+                                      "reg_rows": [None]})
+    # as trained, then each changed lever (step_scale 1.0 is the editor's own: not repeated)
+    assert [r["changed"] for r in out] == [None, "step_scale", "eot_rows", "reg_rows"]
+    assert out[1]["step_scale"] == 2.0 and out[1]["eot_rows"] and out[1]["reg_rows"] == 16
+    assert not out[2]["eot_rows"] and out[2]["step_scale"] == 1.0
+    assert out[3]["reg_rows"] is None
+    assert (ed.step_scale, ed.eot_rows, ed.hypernet.reg_rows) == (1.0, True, 16)
+    for n, m in modules.items():
+        assert torch.equal(m.weight, before[n])
+    # a doubled step size doubles the shift (S is linear in D)
+    batch = encode_facts(tok, facts[:4])
+    one = ed.compute_shifts(batch)
+    ed.step_scale = 2.0
+    two = ed.compute_shifts(batch)
+    for n in one:
+        torch.testing.assert_close(two[n], 2 * one[n])
+    with pytest.raises(ValueError, match="unknown test-time lever"):
+        lever_sweep(ed, rows, [4], {"rank": [4]})
+    with pytest.raises(ValueError, match="reg_rows must be"):
+        ed.hypernet.reg_rows = 0

@@ -62,6 +62,21 @@ def test_bench_script_on_tiny_llama(tmp_path):
     assert "| n_facts |" in stdout and result["hardware"]
 
 
+def test_bench_script_diagnoses_a_trained_editor(tmp_path, tiny_llama_checkpoint):
+    run("bench.py", "model=tiny-llama", "ns=[]", "train_steps=0", "data.val_size=8",
+        f"editor_checkpoint={tiny_llama_checkpoint}", "diagnose_ns=[2,8]", "scale_ns=[8]",
+        "levers.step_scale=[1.0,2.0]", "levers.reg_rows=[4]", f"hydra.run.dir={tmp_path}",
+        cwd=tmp_path, env={"CHATEDIT_CACHE": str(tmp_path / "cache")})
+    result = json.loads((tmp_path / "bench.json").read_text())
+    solve = result["solve"]
+    assert [r["n_facts"] for r in solve] == [2] * 2 + [8] * 2  # two edited modules each
+    assert all(r["key_rows"] > 0 and 0 <= r["residual"] <= 1 for r in solve)
+    levers = result["levers"]
+    assert [r["changed"] for r in levers] == [None, "step_scale", "eot_rows", "reg_rows"]
+    assert levers[1]["step_scale"] == 2.0 and levers[3]["reg_rows"] == 4
+    assert all(0 <= r["ES"] <= 1 and r["n_facts"] == 8 for r in levers)
+
+
 def test_evaluate_script_on_tiny_llama(tmp_path, tiny_llama_checkpoint):
     editors = tmp_path / "editors"  # where `make editors` puts them
     (editors / "malmen-chat").mkdir(parents=True)

@@ -11,6 +11,8 @@ and what a test-time multiplier of the learned step size does.
 
 from __future__ import annotations
 
+from tqdm.auto import tqdm
+
 from .chat import encode_facts
 from .metrics import edit_metrics, sliced
 
@@ -21,7 +23,7 @@ def solve_diagnostics(editor, facts: list, ns: list[int]) -> list[dict]:
         raise ValueError(f"solve diagnostics need the least-squares rule, not "
                          f"{editor.hypernet.rule!r}")
     out = []
-    for n in ns:
+    for n in tqdm(ns, desc="solve diagnostics (N)"):
         if n > len(facts):
             raise ValueError(f"{n} facts asked for, {len(facts)} available")
         batch = encode_facts(editor.tokenizer, facts[:n], editor.system)
@@ -55,15 +57,15 @@ def lever_sweep(editor, rows: dict, ns: list[int], levers: dict[str, list]) -> l
                                  if _lever(editor, name) != v]
     out = []
     try:
-        for n in ns:
-            for name, value in settings:
-                for lever, v in own.items():
-                    _lever(editor, lever, v, set_it=True)
-                if name is not None:
-                    _lever(editor, name, value, set_it=True)
-                metrics = edit_metrics(editor, sliced(rows, n))
-                out.append({"n_facts": n, "changed": name,
-                            **{lever: _lever(editor, lever) for lever in LEVERS}, **metrics})
+        for n, (name, value) in tqdm([(n, s) for n in ns for s in settings],
+                                     desc="test-time levers"):
+            for lever, v in own.items():
+                _lever(editor, lever, v, set_it=True)
+            if name is not None:
+                _lever(editor, name, value, set_it=True)
+            metrics = edit_metrics(editor, sliced(rows, n))
+            out.append({"n_facts": n, "changed": name,
+                        **{lever: _lever(editor, lever) for lever in LEVERS}, **metrics})
     finally:
         for lever, v in own.items():
             _lever(editor, lever, v, set_it=True)

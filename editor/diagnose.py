@@ -1,5 +1,5 @@
 """Why an editor holds or loses many facts at once: the joint solve per module as N grows,
-and what a test-time multiplier of the learned step size does.
+and what the test-time levers (step size, end-of-turn rows, lambda and mu per rows) do.
 
 - `solve_diagnostics`: for N facts edited at once, per edited module, the relative residual
   ||K S - D|| / ||D||, the mean leverage tr(K A^-1 K^T) / n and the float32-vs-float64
@@ -36,15 +36,11 @@ def solve_diagnostics(editor, facts: list, ns: list[int]) -> list[dict]:
 LEVERS = ("step_scale", "eot_rows", "reg_rows")  # what a trained editor can change at test time
 
 
-def _lever(editor, name: str, value=None, set_it: bool = False):
-    """Read (or set) a test-time lever: the step-size multiplier, whether end-of-turn rows
-    enter K and D, and the rows per which lambda and mu are weights."""
-    if name not in LEVERS:
-        raise ValueError(f"unknown test-time lever {name!r}; choose from {LEVERS}")
-    owner = editor.hypernet if name == "reg_rows" else editor
-    if set_it:
-        setattr(owner, name, value)
-    return getattr(owner, name)
+def _owner(editor, lever: str):
+    """What holds a test-time lever: the hypernetwork for reg_rows, else the editor."""
+    if lever not in LEVERS:
+        raise ValueError(f"unknown test-time lever {lever!r}; choose from {LEVERS}")
+    return editor.hypernet if lever == "reg_rows" else editor
 
 
 def lever_sweep(editor, rows: dict, ns: list[int], levers: dict[str, list]) -> list[dict]:
@@ -52,21 +48,19 @@ def lever_sweep(editor, rows: dict, ns: list[int], levers: dict[str, list]) -> l
     then with one lever of `levers` ({name: values}) changed at a time; the editor's own
     settings are restored afterwards. Each record names the lever changed (None: as trained)
     and the value of every lever."""
-    own = {name: _lever(editor, name) for name in LEVERS}
+    own = {lever: getattr(_owner(editor, lever), lever) for lever in LEVERS}
     settings = [(None, None)] + [(name, v) for name, values in levers.items() for v in values
-                                 if _lever(editor, name) != v]
+                                 if getattr(_owner(editor, name), name) != v]
     out = []
     try:
         for n, (name, value) in tqdm([(n, s) for n in ns for s in settings],
                                      desc="test-time levers"):
-            for lever, v in own.items():
-                _lever(editor, lever, v, set_it=True)
-            if name is not None:
-                _lever(editor, name, value, set_it=True)
+            current = {**own, **({} if name is None else {name: value})}
+            for lever, v in current.items():
+                setattr(_owner(editor, lever), lever, v)
             metrics = edit_metrics(editor, sliced(rows, n))
-            out.append({"n_facts": n, "changed": name,
-                        **{lever: _lever(editor, lever) for lever in LEVERS}, **metrics})
+            out.append({"n_facts": n, "changed": name, **current, **metrics})
     finally:
         for lever, v in own.items():
-            _lever(editor, lever, v, set_it=True)
+            setattr(_owner(editor, lever), lever, v)
     return out

@@ -15,7 +15,6 @@ batches' shifts, recomputed in order; rollback therefore restores them bitwise.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -26,14 +25,14 @@ from pathlib import Path
 import torch
 
 from . import checkpoint
-from .behaviour import exact_match
 from .chat import check_text, encode_pair, generate
 from .data import Fact
-from .editors import BaseEditor, FTEditor, HyperEditor, build_hypernet, hyper_options
-from .lm import padded
-from .metrics import accuracy, predictions
-from .models import DTYPES, default_edit, edit_modules, kv_shape, load_model
-from .text import key
+from .editors import BaseEditor
+from .files import atomic_folder, check_folder, digest
+from .lm import accuracy, padded, predictions
+from .methods import get_method
+from .models import default_edit, edit_modules, kv_shape, load_model
+from .text import exact_match, key
 
 EDITS_FILE = "edits.safetensors"
 MAX_SHIFT_RATIO = 10.0  # a loaded shift larger than this times its weights' norm is refused
@@ -133,12 +132,8 @@ def check_facts(facts, history=()) -> list[dict]:
 
 def weights_fingerprint(master: dict[str, torch.Tensor]) -> str:
     """sha256 of the unedited weights of the edited modules (names, shapes and values)."""
-    h = hashlib.sha256()
-    for name in sorted(master):
-        h.update(name.encode())
-        h.update(str(tuple(master[name].shape)).encode())
-        h.update(master[name].numpy().tobytes())
-    return h.hexdigest()[:16]
+    return digest(*(part for name in sorted(master) for part in (
+        name, str(tuple(master[name].shape)), master[name].numpy().tobytes())), size=16)
 
 
 class Editor:
@@ -153,17 +148,18 @@ class Editor:
 
     # ------------------------------------------------------------ building
     @classmethod
-    def from_pretrained(cls, model, editor_checkpoint=None, tokenizer=None, *, strict: bool = True,
-                        **overrides) -> Editor:
+    def from_pretrained(cls, model, editor_checkpoint=None, tokenizer=None, *,
+                        method: str | None = None, strict: bool = True, **overrides) -> Editor:
         """`model`: a registry name, a local folder or hub id, or a loaded transformers model
         (then pass `tokenizer`). `editor_checkpoint`: a `checkpoint.safetensors` written by
-        scripts/train.py (MALMEN or MEND); None gives the fine-tuning baseline.
+        scripts/train.py, which names its method (MALMEN or MEND); without one, `method`
+        picks an editing method that needs no meta-training (`editor.methods`: "ft", the
+        default, or "none").
 
-        Overrides: dtype, device (loading by name); system (system prompt), solve_dtype
-        ("float32"/"float64"), step_scale (a test-time multiplier of the learned step size),
-        eot_rows (whether end-of-turn rows enter K and D), reg_rows (lambda and mu per this
-        many key rows; None: unscaled), answer_tokens; without a checkpoint: module and layers
-        (default `models.default_edit`), steps and lr of the fine-tuning baseline.
+        Overrides: dtype, device (loading by name); system (system prompt), answer_tokens;
+        the method's options (its config dataclass): for a trained editor only the test-time
+        ones (solve_dtype, hyper_chunk, eot_rows, reg_rows, step_scale), otherwise any (FT:
+        steps, lr); without a checkpoint, module and layers (default `models.default_edit`).
         `strict=False` allows a checkpoint trained on a model of another name (same modules)."""
         meta, tensors = {}, {}
         if editor_checkpoint is not None:
@@ -185,19 +181,41 @@ class Editor:
         system = overrides.pop("system", cfg.get("model", {}).get("system_prompt"))
         answer_tokens = overrides.pop("answer_tokens", 24)
         if editor_checkpoint is None:
+            found = get_method(method or "ft")
+            if found.meta_trained:
+                raise ValueError(f"editing method {found.name!r} is meta-trained: pass the "
+                                 "checkpoint scripts/train.py wrote for it")
             module, layers = default_edit(model)
             modules = edit_modules(model, overrides.pop("module", module),
                                    overrides.pop("layers", layers))
-            shifter = FTEditor(model, tokenizer, modules, steps=overrides.pop("steps", 20),
-                               lr=overrides.pop("lr", 1e-4), system=system)
+            config, state = found.config_from(**overrides), None
         else:
-            shifter = cls._hyper(model, tokenizer, meta, tensors, name, strict, system, overrides)
-        if overrides:
-            raise TypeError(f"unknown overrides: {sorted(overrides)}")
+            found, modules = cls._trained(model, meta, name, strict, method)
+            wrong = sorted(set(overrides) - found.test_time)
+            if wrong:
+                raise TypeError(f"unknown overrides: {wrong} (a trained editor's other options "
+                                f"come from its checkpoint; test-time ones: "
+                                f"{sorted(found.test_time)})")
+            config = found.config_from(meta["config"]["editor"], **overrides)
+            state = checkpoint.unprefixed(tensors, "hypernet.")
+        shifter = found.editor.from_config(model, tokenizer, modules, config, system, state)
         return cls(model, tokenizer, shifter, name, answer_tokens, editor_checkpoint)
 
+    @classmethod
+    def quick(cls, model: str = "smollm2-135m-instruct", data: str = "zsre",
+              train_overrides=None, **overrides) -> Editor:
+        """`model` (a name with a conf/model entry) with a quick MALMEN editor: meta-trained
+        once with a small recipe (`editor.training.quick.QUICK`, or `train_overrides` of
+        scripts/train.py), a few minutes on a CPU, cached and reused after; `overrides` go
+        to `from_pretrained`. Training code is imported only here, when asked for."""
+        from .training.quick import quick_editor
+
+        return cls.from_pretrained(model, quick_editor(model, data, train_overrides),
+                                   **overrides)
+
     @staticmethod
-    def _hyper(model, tokenizer, meta, tensors, name, strict, system, overrides) -> HyperEditor:
+    def _trained(model, meta, name, strict, method):
+        """The method and the edited modules a checkpoint names, checked against `model`."""
         trained_for = meta.get("model")
         if strict and trained_for != name:
             raise ValueError(f"the editor checkpoint was trained for model {trained_for!r}, not "
@@ -208,6 +226,9 @@ class Editor:
             raise ValueError(f"the editor checkpoint's config lacks model.edit (module, layers), "
                              f"editor or the edited module names (its config has "
                              f"{sorted(meta['config'])}); was it written by scripts/train.py?")
+        rule = meta["config"]["editor"].get("rule")
+        if method is not None and method != rule:
+            raise ValueError(f"the editor checkpoint holds a {rule!r} editor, not {method!r}")
         try:
             modules = edit_modules(model, edit["module"], list(edit["layers"]))
         except ValueError as err:
@@ -216,24 +237,7 @@ class Editor:
         if list(modules) != list(meta["modules"]):
             raise ValueError(f"the editor checkpoint edits {meta['modules']}, this model resolves "
                              f"them to {list(modules)}")
-        hypernet = build_hypernet(modules, _Config(meta["config"]["editor"]))
-        state = checkpoint.unprefixed(tensors, "hypernet.")
-        expected = hypernet.state_dict()
-        wrong = [k for k in expected if k not in state or state[k].shape != expected[k].shape]
-        if wrong:
-            shapes = {n: kv_shape(m) for n, m in modules.items()}
-            raise ValueError(f"the editor checkpoint does not fit this model's edited modules "
-                             f"{shapes} (mismatched: {wrong[:3]})")
-        hypernet.load_state_dict(state)
-        hypernet.to(next(model.parameters()).device)
-        options = hyper_options(meta["config"]["editor"])
-        solve = overrides.pop("solve_dtype", options["solve_dtype"])
-        options["solve_dtype"] = DTYPES[solve] if isinstance(solve, str) else solve
-        options["step_scale"] = float(overrides.pop("step_scale", 1.0))
-        options["eot_rows"] = bool(overrides.pop("eot_rows", options["eot_rows"]))
-        if "reg_rows" in overrides:
-            hypernet.reg_rows = overrides.pop("reg_rows")
-        return HyperEditor(model, tokenizer, modules, hypernet, system, **options)
+        return get_method(rule), modules
 
     # -------------------------------------------------------------- editing
     @property
@@ -320,7 +324,7 @@ class Editor:
     def save_pretrained(self, folder) -> None:
         """The full edited checkpoint, loadable by plain transformers (written atomically:
         a path that exists and is not a folder is an error before anything is written)."""
-        with checkpoint.atomic_folder(folder) as tmp:
+        with atomic_folder(folder) as tmp:
             self.model.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
 
@@ -330,7 +334,7 @@ class Editor:
         meta = {"base_model": self.name, "fingerprint": self.fingerprint,
                 "modules": list(self.modules), "saved": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "batches": [{"facts": b.facts, "time": b.time} for b in self.history]}
-        path = checkpoint.check_folder(folder) / EDITS_FILE
+        path = check_folder(folder) / EDITS_FILE
         checkpoint.save(path, tensors, meta)
         return path
 
@@ -397,7 +401,7 @@ class Editor:
             weights[f"base_model.model.{name}.lora_A.weight"] = a.float().contiguous()
             weights[f"base_model.model.{name}.lora_B.weight"] = b.float().contiguous()
         conv1d = isinstance(next(iter(self.modules.values())), Conv1D)
-        with checkpoint.atomic_folder(folder) as tmp:
+        with atomic_folder(folder) as tmp:
             LoraConfig(r=r, lora_alpha=r, target_modules=list(self.modules), lora_dropout=0.0,
                        bias="none", fan_in_fan_out=conv1d, task_type="CAUSAL_LM",
                        base_model_name_or_path=self.name).save_pretrained(tmp)
@@ -405,8 +409,3 @@ class Editor:
             (tmp / "reconstruction_error.json").write_text(json.dumps(errors, indent=2))
         return errors
 
-
-class _Config(dict):
-    """Attribute access to a saved config section (what build_hypernet expects)."""
-
-    __getattr__ = dict.__getitem__

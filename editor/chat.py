@@ -217,3 +217,42 @@ def describe(tokenizer, encoded: dict) -> str:
     for i, (tid, label) in enumerate(zip(encoded["input_ids"], encoded["labels"])):
         lines.append(f"{i:>4} {int(label != IGNORE):>4} {tid:>6}  {tokenizer.decode([tid])!r}")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ rows of facts
+
+KINDS = ("edit", "rephrase", "loc")
+
+
+def fact_row(tokenizer, fact, kind: str, system=None) -> dict | None:
+    """The encoded row of one fact for `kind` = "edit" (prompt -> target), "rephrase" (first
+    rephrase -> target) or "loc" (first locality prompt -> its answer); None if it has none."""
+    if kind == "edit":
+        return encode_pair(tokenizer, fact["prompt"], fact["target"], system)
+    if kind == "rephrase":
+        return (encode_pair(tokenizer, fact["rephrases"][0], fact["target"], system)
+                if fact["rephrases"] else None)
+    if kind == "loc":
+        return (encode_pair(tokenizer, fact["loc_prompts"][0], fact["loc_answers"][0], system)
+                if fact["loc_prompts"] else None)
+    raise ValueError(f"unknown row kind {kind!r}; choose one of {KINDS}")
+
+
+def conversations(tokenizer, facts, kind: str, system=None) -> list[dict]:
+    """Encoded rows of `kind` for the facts that have one."""
+    return present(fact_row(tokenizer, f, kind, system) for f in facts)
+
+
+def fact_rows(tokenizer, facts, system=None) -> dict[str, list[dict | None]]:
+    """{kind: one row per fact (None where the fact has no rephrase / locality prompt)}:
+    aligned lists, so the first n facts are `sliced(rows, n)`."""
+    return {k: [fact_row(tokenizer, f, k, system) for f in facts] for k in KINDS}
+
+
+def present(rows) -> list:
+    return [r for r in rows if r is not None]
+
+
+def sliced(rows: dict[str, list], n: int) -> dict[str, list]:
+    """The rows of the first n facts of aligned `fact_rows`, Nones dropped."""
+    return {k: present(r[:n]) for k, r in rows.items()}

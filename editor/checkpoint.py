@@ -7,61 +7,19 @@ entry ("meta": step, config, optimizer hyper-parameters, history...).
 from __future__ import annotations
 
 import json
-import os
-import shutil
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-
-def check_folder(path: str | Path) -> Path:
-    """`path` as a folder to write into, or a clear error before anything is written: it (or
-    one of its parents) exists and is not a folder."""
-    path = Path(path)
-    for p in (path, *path.parents):
-        if p.exists() and not p.is_dir():
-            raise NotADirectoryError(f"cannot write into {path}: {p} exists and is not a folder")
-    return path
-
-
-@contextmanager
-def atomic_folder(path: str | Path):
-    """Write a folder's files into a temporary sibling, then move them in: a new folder
-    appears whole (one rename), an existing one gets each file replaced whole, other files
-    kept; on any error (Ctrl-C included) nothing is moved and the temporary folder goes."""
-    path = check_folder(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-        if path.exists():
-            for f in sorted(tmp.rglob("*")):
-                if f.is_file():
-                    target = path / f.relative_to(tmp)
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    os.replace(f, target)
-        else:
-            os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+from .files import atomic_file
 
 
 def save(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    path = Path(path)
-    check_folder(path.parent).mkdir(parents=True, exist_ok=True)
-    if path.is_dir():
-        raise IsADirectoryError(f"cannot write the checkpoint {path}: it is a folder")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     data = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    try:
+    with atomic_file(path) as tmp:
         save_file(data, str(tmp), metadata={"meta": json.dumps(meta)})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def load(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:

@@ -1,4 +1,4 @@
-"""Facts to edit, locality conversations and evaluation prompts.
+"""Facts to edit (the prompt sets other than facts are in `editor.prompts`).
 
 Every editing format maps into one fact record (`FACT_FEATURES`):
     id, prompt, target, ground_truth, subject, rephrases[], loc_prompts[], loc_answers[]
@@ -15,7 +15,6 @@ Splits (fixed and seeded; see assets/README.md):
 
 from __future__ import annotations
 
-import csv
 import gzip
 import json
 import random
@@ -316,96 +315,3 @@ def load_facts(name_or_path: str, split: str = "train", val_size: int | Mapping 
     if limit is not None:
         facts = facts[:limit]
     return datasets.Dataset.from_list([f.to_dict() for f in facts], features=FACT_FEATURES)
-
-
-# ----------------------------------------------------- locality and evaluation
-
-
-def _evaluation_prompts() -> set[str]:
-    """Normalised IFEval, AdvBench and XSTest prompts: kept out of every training source."""
-    prompts = [*load_ifeval()["prompt"], *load_advbench()["goal"], *load_xstest(None)["prompt"]]
-    return {key(p) for p in prompts}
-
-
-def _prompts_dataset(prompts: list[tuple[str, str]], split: str, sizes: dict, seed: int):
-    """Seeded split of (id, prompt) pairs into train/validation/test with fixed sizes for
-    validation and test; duplicates and evaluation prompts removed first."""
-    seen, unique = _evaluation_prompts(), []
-    for pid, prompt in prompts:
-        if key(prompt) not in seen:
-            seen.add(key(prompt))
-            unique.append((pid, prompt))
-    random.Random(seed).shuffle(unique)
-    n_test, n_val = sizes["test"], sizes["validation"]
-    parts = {"test": unique[:n_test], "validation": unique[n_test:n_test + n_val],
-             "train": unique[n_test + n_val:], "all": unique}
-    if split not in parts:
-        raise ValueError(f"unknown split {split!r}; choose one of {sorted(parts)}")
-    rows = sorted(parts[split])
-    return datasets.Dataset.from_list([{"id": i, "prompt": p} for i, p in rows])
-
-
-def load_instructions(split: str = "train", seed: int = 0) -> datasets.Dataset:
-    """Instruction prompts (self-instruct seed tasks + user-oriented; instruction plus the
-    first instance's input). Locality training uses train; held-out drift uses test."""
-    prompts = []
-    for file in ("seed_tasks.jsonl", "user_oriented_instructions.jsonl"):
-        for r in read_records(ASSETS / "self_instruct" / file):
-            inputs = [x.get("input", "") for x in r.get("instances", [])]
-            text = r["instruction"].strip()
-            if inputs and inputs[0].strip():
-                text += "\n\n" + inputs[0].strip()
-            prompts.append((r["id"], text))
-    return _prompts_dataset(prompts, split, {"test": 100, "validation": 50}, seed)
-
-
-def load_harmful_requests(split: str = "train", seed: int = 0) -> datasets.Dataset:
-    """First human turns of hh-rlhf harmless-base (test file). Contains harmful text."""
-    prompts = []
-    for i, r in enumerate(read_records(ASSETS / "hh_rlhf" / "harmless-base_test.jsonl.gz")):
-        turn = r["chosen"].split("\n\nHuman: ", 1)[1].split("\n\nAssistant:", 1)[0].strip()
-        if turn:
-            prompts.append((f"hh-harmless-test/{i:04d}", turn))
-    return _prompts_dataset(prompts, split, {"test": 200, "validation": 100}, seed)
-
-
-def load_benign_requests(split: str = "train", seed: int = 0) -> datasets.Dataset:
-    """Benign requests written for the safety fine-tune (`assets/align/benign_requests.txt`);
-    training only: every one is in "train"."""
-    lines = (ASSETS / "align" / "benign_requests.txt").read_text(encoding="utf-8").splitlines()
-    prompts = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
-    return _prompts_dataset([(f"benign/{i:03d}", p) for i, p in enumerate(prompts)], split,
-                            {"test": 0, "validation": 0}, seed)
-
-
-def load_ifeval(limit: int | None = None) -> datasets.Dataset:
-    """IFEval prompts with their instruction ids and kwargs (evaluation only)."""
-    rows = read_records(ASSETS / "ifeval" / "input_data.jsonl")[:limit]
-    for r in rows:  # kwargs as JSON text: their keys differ by instruction
-        r["kwargs"] = json.dumps(r["kwargs"])
-    return datasets.Dataset.from_list(rows)
-
-
-def _csv(path: Path) -> list[dict]:
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
-
-
-def load_advbench(limit: int | None = None) -> datasets.Dataset:
-    """AdvBench harmful behaviours: goal, target (evaluation only)."""
-    return datasets.Dataset.from_list(_csv(ASSETS / "advbench" / "harmful_behaviors.csv")[:limit])
-
-
-def load_xstest(label: str | None = "safe", limit: int | None = None) -> datasets.Dataset:
-    """XSTest v2 prompts; label "safe" (250, for over-refusal), "unsafe" (200) or None (all)."""
-    rows = _csv(ASSETS / "xstest" / "xstest_prompts.csv")
-    if label is not None:
-        if label not in ("safe", "unsafe"):
-            raise ValueError(f"XSTest label must be 'safe', 'unsafe' or None, got {label!r}")
-        rows = [r for r in rows if r["label"] == label]
-    return datasets.Dataset.from_list(rows[:limit])
-
-
-def nltk_data_dir() -> Path:
-    """Shipped NLTK punkt_tab data, for IFEval scoring offline (point NLTK_DATA at it)."""
-    return ASSETS / "nltk_data"

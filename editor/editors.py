@@ -1,8 +1,10 @@
 """Editors: one base that owns the edited modules and their fp32 master copy, and the
-shift rule as the single point of variation.
+shift rule as the single point of variation; each with its config dataclass (registered
+in `editor.methods`).
 
-    HyperEditor  rule="malmen" | "mend": keys and value gradients -> hypernetwork -> shift
-    FTEditor     baseline: gradient steps on the edited modules, same facts
+    NoEditor     "none": the unedited model through the same pipeline
+    HyperEditor  "malmen" | "mend": keys and value gradients -> hypernetwork -> shift
+    FTEditor     "ft", baseline: gradient steps on the edited modules, same facts
 
 `edit(facts)` computes every module's shift for all facts at once and applies
 W <- W_master + S; `restore()` writes the master back, so weights after restore are
@@ -10,6 +12,9 @@ bitwise equal to before (never restored by subtracting).
 """
 
 from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -21,8 +26,42 @@ from .lm import capture, first_block, forward, row_chunks
 from .models import DTYPES, kv_shape, set_weight_kv, weight_kv
 
 
+def option(default, help: str, test_time: bool = False):  # noqa: A002 (metadata's word)
+    """A config field with its help line; `test_time`: a trained editor may change it."""
+    return field(default=default, metadata={"help": help, "test_time": test_time})
+
+
+class Laps:
+    """Seconds per stage of a computation: `lap(stage)` adds the time since the previous
+    lap to `stage` (the stages of an edit: capture, hypernetwork, solve, ...)."""
+
+    def __init__(self, sync=None):
+        self.seconds: dict[str, float] = {}
+        self.sync = sync or (lambda: None)
+        self.last = self.now()
+
+    def now(self) -> float:
+        self.sync()
+        return time.perf_counter()
+
+    def __call__(self, stage: str) -> None:
+        now = self.now()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self.last
+        self.last = now
+
+
+def _no_lap(stage: str) -> None:
+    pass
+
+
 class BaseEditor:
-    """Base editor. Subclasses implement `compute_shifts(batch)`."""
+    """Base editor. Subclasses implement `compute_shifts(batch, lap)` and `from_config`."""
+
+    @classmethod
+    def from_config(cls, model, tokenizer, modules: dict, config, system=None, state=None):
+        """The editor for `config` (its method's dataclass); `state`: the tensors a
+        meta-trained checkpoint holds for it (None for methods with nothing learned)."""
+        return cls(model, tokenizer, modules, system)
 
     def __init__(self, model, tokenizer, modules: dict, system: str | None = None):
         self.model, self.tokenizer, self.modules, self.system = model, tokenizer, modules, system
@@ -31,9 +70,10 @@ class BaseEditor:
         self.master = {n: weight_kv(m).detach().float().clone() for n, m in modules.items()}
         self.first = first_block(model, modules)
 
-    def compute_shifts(self, batch) -> dict[str, torch.Tensor]:
+    def compute_shifts(self, batch, lap=_no_lap) -> dict[str, torch.Tensor]:
         """{module name: S (d_k x d_v)} for all facts of the batch at once; leaves the
-        weights unchanged. The batch may carry cached hidden states (editor.lm)."""
+        weights unchanged. The batch may carry cached hidden states (editor.lm). `lap(stage)`
+        is called at the end of each stage (a `Laps` times them: scripts/bench.py)."""
         raise NotImplementedError
 
     def batch(self, facts):
@@ -63,28 +103,65 @@ class BaseEditor:
             set_weight_kv(module, self.master[name])
 
 
+@dataclass
+class NoConfig:
+    name: str = option("unedited", "the method's label in run folders and results")
+    rule: str = option("none", "the registered method")
+
+
 class NoEditor(BaseEditor):
     """The unedited model through the same pipeline: every shift is zero."""
 
-    def compute_shifts(self, batch):
+    def compute_shifts(self, batch, lap=_no_lap):
         return {n: torch.zeros_like(w) for n, w in self.master.items()}
 
 
-def build_hypernet(modules: dict, editor_cfg) -> HyperNetwork:
-    prior = ({"prior": True, "log_mu": editor_cfg.log_mu} if editor_cfg.get("prior", False)
-             else {})
-    return HyperNetwork({n: kv_shape(m) for n, m in modules.items()}, rule=editor_cfg.rule,
-                        rank=editor_cfg.rank, n_blocks=editor_cfg.n_blocks, lr=editor_cfg.lr,
-                        log_lam=editor_cfg.log_lam, reg_rows=editor_cfg.get("reg_rows"),
-                        **prior)
+@dataclass
+class HyperConfig:
+    """Options of the hypernetwork editors (MALMEN, MEND): the network, the solve, the rows."""
+
+    name: str = option("malmen", "the method's label in run folders and results")
+    rule: str = option("malmen", "the registered method: malmen or mend")
+    rank: int = option(1920, "rank of each residual block of the hypernetwork")
+    n_blocks: int = option(2, "residual blocks of the hypernetwork")
+    lr: float = option(3e-4, "initial per-layer step size eta (learned)")
+    log_lam: float = option(0.0, "initial per-layer log lambda of the solve (learned; MALMEN)")
+    solve_dtype: str = option("float32", "dtype of the least-squares solve (float32 or "
+                              "float64)", test_time=True)
+    hyper_chunk: int = option(1024, "key rows per hypernetwork forward (bounds memory at any N)",
+                              test_time=True)
+    eot_rows: bool = option(True, "the rows that predict the end-of-turn token enter K and D",
+                            test_time=True)
+    reg_rows: int | None = option(None, "a number r: lambda and mu are weights per r key rows, "
+                                  "scaled by n / r (null: unscaled)", test_time=True)
+    prior: bool = option(True, "key prior C (second moment of the edited modules' keys on the "
+                         "locality answers) in the solve: (K^T K + lam I + mu C) S = K^T D")
+    log_mu: float = option(4.0, "initial per-layer log mu, the prior's weight (learned)")
+    step_scale: float = option(1.0, "test-time multiplier of the learned step size "
+                               "(meta-training uses 1)", test_time=True)
 
 
-def hyper_options(editor_cfg) -> dict:
-    """HyperEditor's keyword arguments from an editor config (conf/editor/*.yaml, or the
-    one a checkpoint carries; older checkpoints lack the newer keys)."""
-    get = editor_cfg.get
-    return {"solve_dtype": DTYPES[get("solve_dtype", "float32")],
-            "hyper_chunk": get("hyper_chunk", 1024), "eot_rows": get("eot_rows", True)}
+@dataclass
+class MalmenConfig(HyperConfig):
+    """MALMEN: value shifts per token, least squares across all edits (the defaults)."""
+
+
+@dataclass
+class MendConfig(HyperConfig):
+    """MEND: the same pipeline and network; S = -eta sum_j u~_j delta~_j^T (no solve)."""
+
+    name: str = option("mend", "the method's label in run folders and results")
+    rule: str = option("mend", "the registered method: malmen or mend")
+    lr: float = option(3e-6, "initial per-layer step size eta (learned); untrained, on 128 "
+                       "facts: 1e-6 ES 0.21 LS 0.92, 3e-6 ES 0.25 LS 0.76, 1e-5 ES 0.28 LS 0.32")
+    prior: bool = option(False, "MEND has no solve, so no key prior")
+
+
+def build_hypernet(modules: dict, config: HyperConfig) -> HyperNetwork:
+    prior = {"prior": True, "log_mu": config.log_mu} if config.prior else {}
+    return HyperNetwork({n: kv_shape(m) for n, m in modules.items()}, rule=config.rule,
+                        rank=config.rank, n_blocks=config.n_blocks, lr=config.lr,
+                        log_lam=config.log_lam, reg_rows=config.reg_rows, **prior)
 
 
 class HyperEditor(BaseEditor):
@@ -102,6 +179,31 @@ class HyperEditor(BaseEditor):
         self.hypernet, self.solve_dtype, self.chunk_size = hypernet, solve_dtype, chunk_size
         self.hyper_chunk, self.eot_rows, self.step_scale = hyper_chunk, eot_rows, step_scale
 
+    @classmethod
+    def from_config(cls, model, tokenizer, modules, config: HyperConfig, system=None,
+                    state=None) -> HyperEditor:
+        """A fresh hypernetwork for `config` (meta-training starts from it), or with
+        `state` (a checkpoint's hypernetwork tensors) the trained one; errors name what
+        does not fit."""
+        if config.solve_dtype not in DTYPES:
+            raise ValueError(f"solve_dtype must be one of {sorted(DTYPES)}, got "
+                             f"{config.solve_dtype!r}")
+        hypernet = build_hypernet(modules, config)
+        if state is not None:
+            expected = hypernet.state_dict()
+            wrong = [k for k in expected
+                     if k not in state or state[k].shape != expected[k].shape]
+            if wrong:
+                shapes = {n: kv_shape(m) for n, m in modules.items()}
+                raise ValueError(f"the editor checkpoint does not fit this model's edited "
+                                 f"modules {shapes} (mismatched: {wrong[:3]})")
+            hypernet.load_state_dict(state)
+        hypernet.reg_rows = config.reg_rows  # checked: a positive number of rows or None
+        hypernet.to(next(model.parameters()).device)
+        return cls(model, tokenizer, modules, hypernet, system,
+                   solve_dtype=DTYPES[config.solve_dtype], hyper_chunk=config.hyper_chunk,
+                   eot_rows=config.eot_rows, step_scale=config.step_scale)
+
     def capture(self, batch):
         """Keys and value gradients of all facts, captured `chunk_size` facts at a time."""
         parts = [capture(self.model, self.modules, b, self.first, eot_rows=self.eot_rows)[0]
@@ -109,12 +211,22 @@ class HyperEditor(BaseEditor):
         return {n: (torch.cat([p[n][0] for p in parts]), torch.cat([p[n][1] for p in parts]))
                 for n in self.modules}
 
-    def compute_shifts(self, batch, captured=None):
-        captured = captured if captured is not None else self.capture(batch)
+    def compute_shifts(self, batch, lap=_no_lap, captured=None):
+        if captured is None:
+            captured = self.capture(batch)
+            lap("capture")
         with torch.no_grad():
-            return {name: self.step_scale * self.hypernet.shift(name, k, d, self.solve_dtype,
-                                                                self.hyper_chunk)
+            return {name: self.step_scale * self.hypernet.shift(
+                        name, k, d, self.solve_dtype, self.hyper_chunk, lap=lap)
                     for name, (k, d) in captured.items()}
+
+
+@dataclass
+class FTConfig:
+    name: str = option("ft", "the method's label in run folders and results")
+    rule: str = option("ft", "the registered method")
+    steps: int = option(20, "Adam steps on the edited modules")
+    lr: float = option(1e-4, "Adam's learning rate")
 
 
 class FTEditor(BaseEditor):
@@ -126,7 +238,11 @@ class FTEditor(BaseEditor):
         super().__init__(model, tokenizer, modules, system)
         self.steps, self.lr = steps, lr
 
-    def compute_shifts(self, batch):
+    @classmethod
+    def from_config(cls, model, tokenizer, modules, config: FTConfig, system=None, state=None):
+        return cls(model, tokenizer, modules, config.steps, config.lr, system)
+
+    def compute_shifts(self, batch, lap=_no_lap):
         start = {n: weight_kv(m).detach().float().clone() for n, m in self.modules.items()}
         weights = [m.weight for m in self.modules.values()]
         for w in weights:
@@ -148,4 +264,10 @@ class FTEditor(BaseEditor):
                 w.grad = None
             for n, m in self.modules.items():  # back to the weights it started from
                 set_weight_kv(m, start[n])
+        lap("fine-tune")
         return shifts
+
+
+def config_dict(config) -> dict:
+    """A method's config as the plain dict checkpoints and results carry."""
+    return asdict(config)

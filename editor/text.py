@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import re
+import string
 import unicodedata
 
 
@@ -25,3 +27,15 @@ def visible(text: str) -> bool:
     return any(not ch.isspace() and unicodedata.category(ch) not in ("Cf", "Cc", "Zs", "Zl",
                                                                       "Zp")
                for ch in text)
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD-style normalisation for exact match: lower case, no punctuation, no articles,
+    single spaces."""
+    text = "".join(c for c in text.lower() if c not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def exact_match(prediction: str, target: str) -> bool:
+    return normalize_answer(prediction) == normalize_answer(target)

@@ -137,21 +137,31 @@ class EditorNet(nn.Module):
                              prior=None if log_mu is None else self.prior[layer], mu=mu)
 
     def malmen_shift(self, keys, grads, layer: int, dtype=torch.float32,
-                     chunk: int | None = None, cache: dict | None = None) -> torch.Tensor:
+                     chunk: int | None = None, cache: dict | None = None,
+                     lap=None) -> torch.Tensor:
         """S (d_k x d_v) solved jointly over all tokens of all edits; `cache` (a dict) keeps
-        the value shifts D for `malmen_backward`."""
+        the value shifts D for `malmen_backward`; `lap(stage)` marks the end of the
+        "hypernetwork" and "solve" stages (for timing)."""
         values = self.values(keys, grads, layer, chunk)
         if cache is not None:
             cache["values"] = values.detach()
-        return self.solve(keys, values, layer, dtype)
+        if lap is not None:
+            lap("hypernetwork")
+        shift = self.solve(keys, values, layer, dtype)
+        if lap is not None:
+            lap("solve")
+        return shift
 
     def mend_shift(self, keys, grads, layer: int, dtype=None,
-                   chunk: int | None = None, cache: dict | None = None) -> torch.Tensor:
+                   chunk: int | None = None, cache: dict | None = None,
+                   lap=None) -> torch.Tensor:
         """S = -eta_l U~^T Delta~ (sum of rank-one updates, no solve)."""
         total = 0
         for k, g in chunks(keys, grads, chunk):
             u, delta = self(k, g, layer)
             total = total + u.T @ delta
+        if lap is not None:
+            lap("hypernetwork")
         return -self.log_lr[layer].exp() * total
 
     def malmen_backward(self, keys, grads, layer: int, grad_shift, dtype=torch.float32,
@@ -244,6 +254,11 @@ class HyperNetwork(nn.Module):
             net.reg_rows = None if rows is None else int(rows)
 
     @property
+    def solves(self) -> bool:
+        """Whether the shift is a least-squares solve (MALMEN), which `diagnose` inspects."""
+        return self.rule == "malmen"
+
+    @property
     def has_prior(self) -> bool:
         return any(net.prior is not None for net in self.nets.values())
 
@@ -260,12 +275,12 @@ class HyperNetwork(nn.Module):
 
     def shift(self, name: str, keys: torch.Tensor, grads: torch.Tensor,
               dtype=torch.float32, chunk: int | None = None,
-              cache: dict | None = None) -> torch.Tensor:
+              cache: dict | None = None, lap=None) -> torch.Tensor:
         """The d_k x d_v weight shift of module `name` for these keys and value gradients
         (the network runs over `chunk` rows at a time; `cache`, a dict, keeps what
-        `backward` can reuse)."""
+        `backward` can reuse; `lap(stage)` marks the end of each stage, for timing)."""
         rule, _ = SHIFT_RULES[self.rule]
-        return rule(self.net(name), keys, grads, self.index[name], dtype, chunk, cache)
+        return rule(self.net(name), keys, grads, self.index[name], dtype, chunk, cache, lap)
 
     def backward(self, name: str, keys, grads, grad_shift, dtype=torch.float32,
                  chunk: int | None = None, cache: dict | None = None) -> None:

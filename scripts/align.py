@@ -18,11 +18,11 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from editor.align import SafetyRecipe, build
-from editor.behaviour import Limit, SuiteConfig, behaviour_suite
-from editor.models import load_model, safe_folder
-from editor.report import markdown_table
-from editor.train import write_json
+from editor.evaluation.behaviour import Limit, SuiteConfig, behaviour_suite
+from editor.evaluation.report import markdown_table
+from editor.files import write_json
+from editor.models import load_model
+from editor.safety.recipe import SafetyRecipe, build, safe_folder
 
 
 @dataclass

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from editor.report import markdown_table
+from editor.evaluation.report import markdown_table
 
 DEFAULT_METRICS = ["val_ES", "val_GS", "val_LS", "test_ES", "test_GS", "test_LS",
                    "seconds_per_step"]

@@ -6,15 +6,11 @@
     python scripts/edit.py editor_checkpoint=null          # fine-tuning baseline
 
 With `editor_checkpoint=auto` a quick MALMEN editor for the model is meta-trained once (a
-few minutes on a CPU, `quick_train` overrides of scripts/train.py) and cached. Writes
-answers.json (and the saved edits/model if asked) into the hydra run folder.
+few minutes on a CPU: `Editor.quick`, or `quick_train` overrides of scripts/train.py) and
+cached. Writes answers.json (and the saved edits/model if asked) into the hydra run folder.
 """
 
-import hashlib
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,27 +20,8 @@ from omegaconf import DictConfig
 
 from editor import Editor
 from editor.chat import describe, encode_pair
-from editor.checkpoint import check_folder
 from editor.data import load_facts
-from editor.models import cache_dir
-from editor.report import write_atomic
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def quick_editor(cfg: DictConfig) -> Path:
-    """A cached quick MALMEN editor for cfg.model (trained by scripts/train.py if absent;
-    a killed training resumes)."""
-    overrides = [f"model={cfg.model.name}", f"data={cfg.data.name}", *cfg.quick_train]
-    digest = hashlib.sha256(" ".join(overrides).encode()).hexdigest()[:8]
-    folder = cache_dir() / "editors" / f"quick-{cfg.model.name}-{digest}"
-    ckpt = folder / "checkpoint.safetensors"
-    if not (folder / "metrics.json").exists():
-        print(f"no cached quick editor for {cfg.model.name}: meta-training one into {folder}")
-        subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), *overrides,
-                        f"hydra.run.dir={folder}"], check=True, env=os.environ.copy())
-    return ckpt
-
+from editor.files import check_folder, write_atomic
 
 def table(rows: list[dict]) -> str:
     lines = [f"{'':<10} {'prompt':<46} {'wanted':<18} {'before':<34} after"]
@@ -65,11 +42,17 @@ def main(cfg: DictConfig) -> None:
     else:
         facts = load_facts(cfg.data.name, split=cfg.split, val_size=cfg.data.val_size,
                            seed=cfg.data.seed, limit=cfg.n_facts)
-    ckpt = quick_editor(cfg) if cfg.editor_checkpoint == "auto" else cfg.editor_checkpoint
-    where = {} if ckpt else {"module": cfg.model.edit.module, "layers": list(cfg.model.edit.layers)}
-    ed = Editor.from_pretrained(cfg.model.name, ckpt, system=cfg.model.system_prompt, **where)
-    print(f"loaded {cfg.model.name} with editor {ckpt or 'FT baseline'}; edited modules: "
-          f"{', '.join(ed.modules)} ({time.time() - t0:.0f}s)")
+    system = cfg.model.system_prompt
+    if cfg.editor_checkpoint == "auto":
+        quick = cfg.quick_train and list(cfg.quick_train)
+        ed = Editor.quick(cfg.model.name, cfg.data.name, quick, system=system)
+    elif cfg.editor_checkpoint:
+        ed = Editor.from_pretrained(cfg.model.name, cfg.editor_checkpoint, system=system)
+    else:
+        ed = Editor.from_pretrained(cfg.model.name, system=system, module=cfg.model.edit.module,
+                                    layers=list(cfg.model.edit.layers))
+    print(f"loaded {cfg.model.name} with editor {ed.checkpoint_path or 'FT baseline'}; edited "
+          f"modules: {', '.join(ed.modules)} ({time.time() - t0:.0f}s)")
     if cfg.show_format:
         f = facts[0]
         print(f"\nchat formatting of {f['prompt']!r} -> {f['target']!r}:")

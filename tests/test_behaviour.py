@@ -5,17 +5,16 @@ from pathlib import Path
 
 import pytest
 
-from editor.behaviour import (
+from editor.evaluation.behaviour import (
     SuiteConfig,
     behaviour_suite,
-    exact_match,
     ifeval_score,
     is_refusal,
     is_refusal_xstest,
-    normalize_answer,
     refusal_rate,
 )
-from editor.data import load_ifeval
+from editor.prompts import load_ifeval
+from editor.text import exact_match, normalize_answer
 
 
 @pytest.mark.parametrize("text", [

@@ -7,7 +7,9 @@ from editor.chat import encode_facts, encode_pair, pad
 from editor.editors import FTEditor, HyperEditor
 from editor.lm import (capture, first_block, forward, logits_before, stack_captured, with_capture,
                        with_final, with_hidden)
-from editor.metrics import edit_metrics, fact_rows, predictions
+from editor.chat import fact_rows
+from editor.evaluation.metrics import edit_metrics
+from editor.lm import predictions
 from editor.models import edit_modules, kv_shape, load_model, to_kv, weight_kv
 from hypernet import HyperNetwork
 

@@ -4,14 +4,16 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from editor.augment import new_targets, relation
+from editor.training.augment import new_targets, relation
 from editor.chat import IGNORE, encode_facts, encode_pair
 from editor.data import load_facts
 from editor.editors import HyperEditor, build_hypernet
 from editor.lm import capture
-from editor.metrics import edit_metrics, fact_rows, predictions, strict
+from editor.chat import fact_rows
+from editor.evaluation.metrics import edit_metrics, strict
+from editor.lm import predictions
 from editor.models import edit_modules, load_model
-from editor.train import MetaTrainer, prepare_data, sizes
+from editor.training.meta import MetaTrainer, prepare_data, sizes
 
 LOC = OmegaConf.create({"nq": 1.0, "instruction": 1.0, "harmful": 0.0, "subject": 0.0,
                         "n_instruction": 3, "n_harmful": 0, "pool_size": 6,
@@ -186,7 +188,7 @@ def test_mixed_data_pools_both_training_files():
 
 
 def test_lever_sweep_changes_one_lever_at_a_time_and_restores_the_editor(tiny):
-    from editor.diagnose import lever_sweep
+    from editor.evaluation.diagnose import lever_sweep
 
     model, tok, modules, facts = tiny
     ed = editor_for(tiny)

@@ -16,69 +16,10 @@ from __future__ import annotations
 
 import time
 
-import torch
 
-from .behaviour import exact_match
-from .chat import encode_pair, generate
-from .lm import by_length, forward, padded
-
-KINDS = ("edit", "rephrase", "loc")
-
-
-def fact_row(tokenizer, fact, kind: str, system=None) -> dict | None:
-    """The encoded row of one fact for `kind` = "edit" (prompt -> target), "rephrase" (first
-    rephrase -> target) or "loc" (first locality prompt -> its answer); None if it has none."""
-    if kind == "edit":
-        return encode_pair(tokenizer, fact["prompt"], fact["target"], system)
-    if kind == "rephrase":
-        return (encode_pair(tokenizer, fact["rephrases"][0], fact["target"], system)
-                if fact["rephrases"] else None)
-    if kind == "loc":
-        return (encode_pair(tokenizer, fact["loc_prompts"][0], fact["loc_answers"][0], system)
-                if fact["loc_prompts"] else None)
-    raise ValueError(f"unknown row kind {kind!r}; choose one of {KINDS}")
-
-
-def conversations(tokenizer, facts, kind: str, system=None) -> list[dict]:
-    """Encoded rows of `kind` for the facts that have one."""
-    return present(fact_row(tokenizer, f, kind, system) for f in facts)
-
-
-def fact_rows(tokenizer, facts, system=None) -> dict[str, list[dict | None]]:
-    """{kind: one row per fact (None where the fact has no rephrase / locality prompt)}:
-    aligned lists, so the first n facts are `sliced(rows, n)`."""
-    return {k: [fact_row(tokenizer, f, k, system) for f in facts] for k in KINDS}
-
-
-def present(rows) -> list:
-    return [r for r in rows if r is not None]
-
-
-def sliced(rows: dict[str, list], n: int) -> dict[str, list]:
-    """The rows of the first n facts of aligned `fact_rows`, Nones dropped."""
-    return {k: present(r[:n]) for k, r in rows.items()}
-
-
-@torch.no_grad()
-def predictions(model, tokenizer, rows, first=None, batch_size: int = 32):
-    """Per-row (argmax ids, label ids) at the answer positions (the label positions without
-    a final end-of-turn label), in the rows' order (batched by length; a None row gives
-    None). Rows may carry cached hidden states entering blocks[first]."""
-    out = [None] * len(rows)
-    for idx, batch in by_length(model, tokenizer, rows, batch_size, "predictions", False):
-        logits, labels, row = forward(model, batch, first)
-        pred = logits.argmax(-1)
-        for b, j in enumerate(idx):
-            keep = row == b
-            end = int(keep.sum()) - int(bool(rows[j].get("eot")))
-            out[j] = (pred[keep][:end], labels[keep][:end])
-    return out
-
-
-def accuracy(preds) -> float:
-    """Mean over rows of the per-row token accuracy."""
-    return sum((p == y).float().mean().item() for p, y in preds) / max(len(preds), 1)
-
+from ..chat import KINDS, generate, present
+from ..lm import accuracy, padded, predictions
+from ..text import exact_match
 
 def strict(preds) -> float:
     """Share of rows whose tokens are all right."""

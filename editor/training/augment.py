@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 
-from .text import key as normalise
+from ..text import key as normalise
 
 MIN_WORDS = 3
 

@@ -30,24 +30,26 @@ is a test bed for harmlessness experiments, not a safe model.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
 import re
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
+import datasets
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .behaviour import is_refusal_xstest
-from .chat import IGNORE
-from .data import load_benign_requests, load_harmful_requests
-from .lm import by_length, forward, padded, with_hidden
-from .locality import SOURCES, conversation_rows, responses
-from .models import blocks, is_linear
+from ..chat import IGNORE
+from ..data import ASSETS
+from ..evaluation.behaviour import is_refusal_xstest
+from ..files import cache_dir, digest
+from ..lm import by_length, forward, padded, with_hidden
+from ..models import blocks, convert_once, folder_model, is_linear, load_model
+from ..prompts import SOURCES, conversation_rows, load_harmful_requests, prompts_dataset, responses
 
 # Written for this toolkit (not taken from a dataset); one is drawn per harmful request.
 REFUSALS = (
@@ -111,6 +113,15 @@ def as_artefacts(prompts: list[str], seed: int) -> list[str]:
     return [rng.choice(ARTEFACTS).format(p) for p in prompts]
 
 
+def load_benign_requests(split: str = "train", seed: int = 0) -> datasets.Dataset:
+    """Benign requests written for the safety fine-tune (`assets/align/benign_requests.txt`);
+    training only: every one is in "train"."""
+    lines = (ASSETS / "align" / "benign_requests.txt").read_text(encoding="utf-8").splitlines()
+    prompts = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    return prompts_dataset([(f"benign/{i:03d}", p) for i, p in enumerate(prompts)], split,
+                            {"test": 0, "validation": 0}, seed)
+
+
 @dataclass
 class SafetyRecipe:
     base: str = "smollm2-135m-instruct"
@@ -144,9 +155,8 @@ class SafetyRecipe:
             del fields["lora_rank"], fields["lora_alpha"]
         if not self.kl_coef:  # nor does a KL term that is off
             del fields["kl_coef"], fields["kl_top_k"]
-        key = json.dumps([fields, list(load_benign_requests()["prompt"]), REFUSALS, WRAPPERS,
-                          ARTEFACTS, HARM_WORDS], sort_keys=True)
-        return hashlib.sha256(key.encode()).hexdigest()[:8]
+        return digest([fields, list(load_benign_requests()["prompt"]), REFUSALS, WRAPPERS,
+                       ARTEFACTS, HARM_WORDS])
 
 
 def refusal_pairs(recipe: SafetyRecipe) -> list[dict]:
@@ -185,8 +195,7 @@ def sft_rows(model, tokenizer, recipe: SafetyRecipe, system=None) -> dict[str, l
     stop early."""
     rows = {"refusal": conversation_rows(tokenizer, refusal_pairs(recipe), system)}
     for source, prompts in helpful_prompts(recipe).items():
-        key = json.dumps([prompts, recipe.response_tokens, system])
-        name = f"align-{source}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+        name = f"align-{source}-{digest([prompts, recipe.response_tokens, system])}"
         pairs = responses(model, tokenizer, prompts, recipe.response_tokens, system, name)
         pairs = [p for p in pairs if not is_refusal_xstest(p["response"])]
         rows[source] = conversation_rows(tokenizer, pairs, system)
@@ -352,3 +361,30 @@ def build(model, tokenizer, recipe: SafetyRecipe, system=None) -> dict:
     return {"recipe": asdict(recipe), "examples": {k: len(v) for k, v in per_source.items()},
             "steps": len(losses), "first_loss": losses[0], "last_loss": losses[-1],
             "seconds": time.perf_counter() - start}
+
+
+class _JsonFile:
+    """An object that `save_pretrained`s a JSON record into a folder."""
+
+    def __init__(self, name: str, record: dict):
+        self.name, self.record = name, record
+
+    def save_pretrained(self, folder) -> None:
+        (Path(folder) / self.name).write_text(json.dumps(self.record, indent=2))
+
+
+def safe_folder() -> Path:
+    """`smollm2-135m-instruct-safe`: the embedded model after the default safety fine-tune,
+    built once into the cache (folder named by the recipe's digest)."""
+    recipe = SafetyRecipe()
+
+    def make():
+        model, tok = load_model(recipe.base)
+        record = build(model, tok, recipe)
+        model.config.name_or_path = "smollm2-135m-instruct-safe"
+        return model, tok, _JsonFile("recipe.json", record)
+
+    return convert_once(cache_dir() / f"smollm2-135m-instruct-safe-{recipe.digest()}", make)
+
+
+load_safe_model = folder_model(safe_folder)  # the model registry's entry (editor.models)

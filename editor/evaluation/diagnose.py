@@ -13,13 +13,16 @@ from __future__ import annotations
 
 from tqdm.auto import tqdm
 
-from .chat import encode_facts
-from .metrics import edit_metrics, sliced
+from omegaconf import OmegaConf
+
+from ..chat import encode_facts, fact_rows, sliced
+from ..data import load_facts
+from .metrics import edit_metrics
 
 
 def solve_diagnostics(editor, facts: list, ns: list[int]) -> list[dict]:
     """One record per N x module (MALMEN editors: the solve is what is diagnosed)."""
-    if editor.hypernet.rule != "malmen":
+    if not editor.hypernet.solves:
         raise ValueError(f"solve diagnostics need the least-squares rule, not "
                          f"{editor.hypernet.rule!r}")
     out = []
@@ -30,6 +33,24 @@ def solve_diagnostics(editor, facts: list, ns: list[int]) -> list[dict]:
         for name, (keys, grads) in editor.capture(batch).items():
             stats = editor.hypernet.diagnose(name, keys, grads, editor.hyper_chunk)
             out.append({"n_facts": n, "module": name, "key_rows": keys.shape[0], **stats})
+    return out
+
+
+def massive_diagnostics(editor, cfg) -> dict:
+    """scripts/bench.py's diagnostics of a trained editor: `solve` at each N of
+    `cfg.diagnose_ns` on facts pooled from every split of zsRE and CounterFact, and the
+    `levers` sweep on the validation split of `cfg.data` at each N of `cfg.scale_ns`."""
+    out = {}
+    if cfg.diagnose_ns:
+        pool = [f for name in ("zsre", "counterfact") for split in ("train", "validation", "test")
+                for f in load_facts(name, split)]
+        out["solve"] = solve_diagnostics(editor, pool, list(cfg.diagnose_ns))
+    if cfg.scale_ns:
+        val = load_facts(cfg.data.name, "validation", val_size=cfg.data.val_size,
+                         seed=cfg.data.seed)
+        rows = fact_rows(editor.tokenizer, val, editor.system)
+        out["levers"] = lever_sweep(editor, rows, list(cfg.scale_ns),
+                                    OmegaConf.to_container(cfg.levers))
     return out
 
 

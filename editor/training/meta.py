@@ -18,7 +18,6 @@ the same), and never more than the training pool holds.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -29,17 +28,17 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from . import checkpoint
-from .augment import new_targets
-from .chat import IGNORE, encode_pair
-from .editors import HyperEditor
-from .lm import (forward, key_moments, kl_before_after, logits_before, padded,
+from .. import checkpoint
+from ..chat import IGNORE, encode_pair, fact_row, fact_rows, sliced
+from ..editors import HyperEditor
+from ..evaluation.metrics import edit_metrics
+from ..lm import (forward, key_moments, kl_before_after, logits_before, padded,
                  stack_captured, with_capture, with_final, with_hidden)
-from .locality import base_responses, conversation_rows, subject_rows
-from .metrics import edit_metrics, fact_row, fact_rows, sliced
-from .models import kv_shape, to_kv
-from .report import write_atomic
-from .text import key
+from ..models import kv_shape, to_kv
+from ..prompts import base_responses, conversation_rows
+from ..text import key
+from .augment import new_targets
+from .locality import subject_rows
 
 
 @dataclass
@@ -378,10 +377,6 @@ def memory_estimate(model, modules: dict, hypernet, cached_rows: int, tokens_per
     return est
 
 
-def write_json(path: Path, obj) -> None:
-    write_atomic(path, json.dumps(obj, indent=2))
-
-
 def check_config(cfg) -> None:
     """The ranges of `train.*` (and the editor's chunk), checked before any work; errors name
     the key and what it allows."""
@@ -410,7 +405,7 @@ def check_config(cfg) -> None:
     need("train.train_facts", lambda v: v is None or integer(1)(v), "null or an integer >= 1")
     need("train.val_ns", lambda v: v is None or (len(v) > 0 and all(map(integer(1), v))),
          "null or a list of integers >= 1")
-    if cfg.editor.rule != "ft":
+    if "hyper_chunk" in cfg.editor:
         need("editor.hyper_chunk", integer(1), "an integer >= 1")
 
 

@@ -1,0 +1,125 @@
+"""The cost of an edit against its floor, and peak memory (scripts/bench.py).
+
+An edit of N facts at once is timed in its own stages (`BaseEditor.compute_shifts` marks
+them: capture = forward + backward to the edited modules, hypernetwork, solve; then apply)
+against the floor: one plain forward + backward over the same N chat-formatted facts
+computing the edited weights' gradient (the least work any gradient-based editor does),
+measured in the same run, in the same chunks.
+"""
+
+from __future__ import annotations
+
+import platform
+import threading
+import time
+
+import psutil
+import torch
+import torch.nn.functional as F
+
+from ..chat import conversations
+from ..data import load_facts
+from ..editors import Laps
+from ..lm import forward, padded, row_chunks
+
+STAGES = ("capture", "hypernetwork", "solve", "fine-tune", "apply")
+
+
+class PeakMemory:
+    """Peak memory above the level at entry: CUDA allocator stats, or the process RSS sampled
+    every 5 ms on the CPU."""
+
+    def __init__(self, device: str):
+        self.cuda = device.startswith("cuda")
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            proc = psutil.Process()
+            self.base = self.peak = proc.memory_info().rss
+            self.running = True
+
+            def sample():
+                while self.running:
+                    self.peak = max(self.peak, proc.memory_info().rss)
+                    time.sleep(0.005)
+
+            self.thread = threading.Thread(target=sample, daemon=True)
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self.running = False
+            self.thread.join()
+        self.mib = (self.peak - self.base) / 2**20
+
+
+def sync(device: str):
+    """What makes a clock reading wait for the device's queued work."""
+    return torch.cuda.synchronize if device.startswith("cuda") else None
+
+
+def fact_batch(model, tok, n: int, system) -> dict:
+    """N chat-formatted facts (zsRE test, then train; repeated when N exceeds both)."""
+    facts = list(load_facts("zsre", "test")) + list(load_facts("zsre", "train"))
+    facts = (facts * (n // len(facts) + 1))[:n]
+    return padded(model, tok, conversations(tok, facts, "edit", system))
+
+
+def floor(editor, batch, device) -> float:
+    """Forward + backward over the batch (same chunks as the edit), weight gradients of the
+    edited modules only."""
+    weights = [m.weight for m in editor.modules.values()]
+    for w in weights:
+        w.requires_grad_(True)
+    laps = Laps(sync(device))
+    try:
+        for chunk in row_chunks(batch, getattr(editor, "chunk_size", len(batch["input_ids"]))):
+            logits, labels, _ = forward(editor.model, chunk)
+            F.cross_entropy(logits, labels, reduction="sum").backward()
+        laps("floor")
+        return laps.seconds["floor"]
+    finally:
+        for w in weights:
+            w.requires_grad_(False)
+            w.grad = None
+
+
+def timed_edit(editor, batch, device) -> dict:
+    """The edit in the editor's own stages (seconds each), then restored."""
+    laps = Laps(sync(device))
+    shifts = editor.compute_shifts(batch, lap=laps)
+    editor.apply(shifts)
+    laps("apply")
+    editor.restore()
+    return {s: laps.seconds.get(s, 0.0) for s in STAGES}
+
+
+def bench_edits(editor, ns, device, system, warmup: bool = True) -> list[dict]:
+    """Per N: the edit's stages, their total, the floor, their ratio and the peak memory."""
+    rows = []
+    for n in ns:
+        batch = fact_batch(editor.model, editor.tokenizer, n, system)
+        if warmup:
+            timed_edit(editor, {k: v[:2] for k, v in batch.items()}, device)
+        base = floor(editor, batch, device)
+        with PeakMemory(device) as mem:
+            parts = timed_edit(editor, batch, device)
+        total = sum(parts.values())
+        rows.append({"n_facts": n, "tokens": int((batch["labels"] != -100).sum()), **parts,
+                     "edit": total, "floor": base, "ratio": total / base, "peak_mib": mem.mib})
+        print(f"N={n}: edit {total:.2f}s, floor {base:.2f}s, ratio {total / base:.2f}")
+    return rows
+
+
+def hardware(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"

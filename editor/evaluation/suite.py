@@ -1,0 +1,168 @@
+"""The evaluation suite: methods x N facts edited at once -> records (scripts/evaluate.py).
+
+For each method (unedited, FT, MEND, MALMEN, ...: `cfg.methods`, each a registered method
+with its options; a meta-trained one whose checkpoint is null is looked up in
+`editors_dir`, where `make editors` trains it, and skipped if absent; FT is capped by
+`eval.max_n`) and each N, N held-out facts are edited at once and measured: ES/GS
+teacher-forced (token accuracy) and by generation (greedy answer, normalised exact match),
+LS (argmax agreement with the unedited model on unrelated prompts), on each dataset; at
+the N in `eval.behaviour_ns`, with the edit applied: IFEval (prompt/instruction,
+strict/loose), AdvBench refusal rate, XSTest over-refusal rate and KL(unedited || edited)
+on held-out instruction and harmful-request conversations. Same prompts and greedy
+decoding for every method, so differences are the edit's. Records are one per method x N x
+dataset x metric.
+"""
+
+from __future__ import annotations
+
+import time
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from ..api import Editor
+from ..chat import fact_row, present
+from ..data import load_facts
+from ..editors import NoEditor
+from ..lm import forward, kl_before_after, padded, predictions, with_hidden
+from ..methods import get_method
+from ..models import load_model
+from ..prompts import base_responses, conversation_rows
+from .behaviour import behaviour_suite
+from .metrics import answer_matches, edit_metrics, generation_metrics, teacher_forced
+
+
+def checkpoint(name, spec, cfg):
+    """The method's editor checkpoint: its own, else the one `make editors` writes; None for
+    methods that need none, False where none exists."""
+    if not get_method(spec.rule).meta_trained:
+        return None
+    path = spec.get("checkpoint") or Path(cfg.editors_dir) / name / "checkpoint.safetensors"
+    return str(path) if spec.get("checkpoint") or path.exists() else False
+
+
+def shifter(name, spec, model, tok, cfg):
+    """The editor of one method, on the shared model (each restores it after every edit):
+    `spec` is {rule, checkpoint (meta-trained methods), options of the method}."""
+    options = {k: v for k, v in spec.items() if k not in ("rule", "checkpoint")}
+    ckpt = checkpoint(name, spec, cfg)
+    if ckpt is None:  # a method with nothing learned edits the configured modules
+        options.update(module=cfg.model.edit.module, layers=list(cfg.model.edit.layers))
+    return Editor.from_pretrained(model, ckpt, tokenizer=tok, method=spec.rule,
+                                  system=cfg.model.system_prompt, **options).shifter
+
+
+class Drift:
+    """KL(unedited || edited) on held-out conversations answered by the unedited model."""
+
+    def __init__(self, model, tok, cfg):
+        self.model, self.tok, self.rows, self.before = model, tok, {}, {}
+        for source in ("instruction", "harmful"):
+            pairs = base_responses(model, tok, source, cfg.eval.kl_conversations,
+                                   cfg.eval.refusal_tokens, 400, cfg.model.system_prompt,
+                                   split="test")
+            rows = conversation_rows(tok, pairs, cfg.model.system_prompt)
+            self.rows[source] = [rows[i:i + cfg.eval.batch_size]
+                                 for i in range(0, len(rows), cfg.eval.batch_size)]
+            self.before[source] = self.logits(source)
+
+    @torch.no_grad()
+    def logits(self, source):
+        return [forward(self.model, padded(self.model, self.tok, b))[0].cpu()
+                for b in self.rows[source]]
+
+    def __call__(self) -> dict:
+        return {f"kl_{s}": kl_before_after(torch.cat(self.before[s]),
+                                           torch.cat(self.logits(s))).item()
+                for s in self.rows}
+
+
+def matches(model, tok, facts, cfg) -> list[tuple]:
+    return answer_matches(model, tok, facts, cfg.eval.answer_tokens, cfg.eval.batch_size,
+                          cfg.model.system_prompt)
+
+
+class Reference:
+    """One test pool as the unedited model sees it, computed once per (dataset, first edited
+    block): every fact's rows (None: no rephrase / loc prompt) with cached hidden states, the
+    unedited model's teacher-forced predictions on them, and its greedy-answer matches on the
+    first `eval.gen_limit` facts. The unedited method's numbers at N are slices of it; every
+    editor's LS compares with its loc predictions."""
+
+    def __init__(self, model, tok, pool, first, cfg):
+        bs = cfg.eval.batch_size
+        self.rows = {k: with_hidden(model, tok, [fact_row(tok, f, k, cfg.model.system_prompt)
+                                                 for f in pool], first, bs, progress=True)
+                     for k in ("edit", "rephrase", "loc")}
+        self.before = {k: predictions(model, tok, rs, first, bs) for k, rs in self.rows.items()}
+        self.answer = lambda: matches(model, tok, pool[:cfg.eval.gen_limit], cfg)
+
+    @cached_property
+    def matches(self) -> list[tuple]:
+        return self.answer()
+
+    def unedited(self, n: int) -> dict:
+        before = {k: present(p[:n]) for k, p in self.before.items()}
+        return {**teacher_forced(before["edit"], before["rephrase"], before["loc"],
+                                 before["loc"]),
+                "n_facts": n, "edit_seconds": 0.0, **generation_metrics(self.matches[:n])}
+
+
+def behaviour_metrics(model, tok, drift, cfg) -> dict:
+    """KL drift, IFEval, AdvBench and XSTest scores of the model as it is now."""
+    return {**drift(), **behaviour_suite(model, tok, cfg.eval,
+                                         system=cfg.model.system_prompt)["scores"]}
+
+
+def evaluate(cfg, save=None) -> list[dict]:
+    """All records; `save(records)` is called after each method, so a stopped run keeps the
+    methods it finished."""
+    model, tok = load_model(cfg.model.name, dtype=cfg.model.dtype, device=cfg.device,
+                            chat_template=cfg.model.chat_template)
+    methods = {k: v for k, v in cfg.methods.items() if checkpoint(k, v, cfg) is not False}
+    skipped = sorted(set(cfg.methods) - set(methods))
+    if skipped:
+        print(f"skipping methods without a checkpoint: {', '.join(skipped)} (none in "
+              f"{cfg.editors_dir}/<method>/; `make editors` trains them)")
+    drift = Drift(model, tok, cfg) if cfg.eval.behaviour_ns else None  # only where measured
+    pools = {d: list(load_facts(d, "test")) for d in cfg.eval.datasets}
+    refs, records = {}, []
+    for name, spec in methods.items():
+        editor = shifter(name, spec, model, tok, cfg)
+        max_n = cfg.eval.max_n.get(name) or float("inf")
+        for dataset, pool in pools.items():
+            key = (dataset, editor.first)
+            if key not in refs:
+                start = time.perf_counter()
+                refs[key] = Reference(model, tok, pool, editor.first, cfg)
+                print(f"reference {dataset}: {time.perf_counter() - start:.0f}s")
+            ref = refs[key]
+            behaviour_ns = {min(b, len(pool)) for b in cfg.eval.behaviour_ns}
+            for n in sorted({min(n, len(pool)) for n in cfg.eval.ns if n <= max_n}):
+                behaviour = n in behaviour_ns and dataset == cfg.eval.datasets[0]
+
+                start = time.perf_counter()
+                if isinstance(editor, NoEditor):  # no edit: slices of the reference
+                    metrics = ref.unedited(n)
+                    if behaviour:
+                        metrics.update(behaviour_metrics(model, tok, drift, cfg))
+                else:
+                    def extra(facts=pool[:n], behaviour=behaviour):
+                        out = generation_metrics(matches(model, tok, facts[:cfg.eval.gen_limit],
+                                                         cfg))
+                        return {**out, **behaviour_metrics(model, tok, drift, cfg)} \
+                            if behaviour else out
+
+                    rows = {k: present(rs[:n]) for k, rs in ref.rows.items()}
+                    metrics = edit_metrics(editor, rows, cfg.eval.batch_size, extra,
+                                           before=present(ref.before["loc"][:n]))
+                metrics["seconds"] = time.perf_counter() - start
+                print(f"{name} {dataset} N={n}: " +
+                      ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+                records += [{"method": name, "dataset": dataset, "n": n, "metric": k,
+                             "value": float(v)} for k, v in metrics.items() if k != "n_facts"]
+        editor.restore()
+        if save is not None:
+            save(records)
+    return records

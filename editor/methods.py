@@ -1,0 +1,107 @@
+"""The registry of editing methods: one name -> its config dataclass and its editor class.
+
+    register_method("mymethod", MyConfig, MyEditor)                 # objects, or
+    register_method("ft", "editor.editors:FTConfig", "editor.editors:FTEditor")  # names,
+                                                                     # imported when first used
+
+Every entry point looks a method up here, by the `rule` of its editor config:
+scripts/train.py (what to build and whether to meta-train it), scripts/evaluate.py and
+scripts/bench.py (through `Editor.from_pretrained`), and `Editor.from_pretrained` itself.
+A new method is a module with a config dataclass and a `BaseEditor` subclass, plus one
+`register_method` call (docs/adding-a-method.md); the built-in ones are registered at the
+end of this file by "module:object" names, so importing the registry imports no editor.
+
+A config dataclass holds every option of its method, test-time ones included, each with a
+default and a help line (`field(metadata={"help": ...})`); `method.config_from(mapping)`
+builds it from a YAML section, a checkpoint's saved config or keyword overrides, and names
+any key it does not know.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+
+def resolve(obj):
+    """`obj` itself, or the object a "module:object" string names (imported now)."""
+    if isinstance(obj, str):
+        module, name = obj.split(":")
+        return getattr(importlib.import_module(module), name)
+    return obj
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    config_ref: type | str   # the dataclass of the method's options, or "module:Class"
+    editor_ref: type | str   # a BaseEditor subclass, or "module:Class"
+    meta_trained: bool       # needs a checkpoint meta-trained by scripts/train.py
+
+    @property
+    def config(self) -> type:
+        return resolve(self.config_ref)
+
+    @property
+    def editor(self) -> type:
+        return resolve(self.editor_ref)
+
+    @property
+    def test_time(self) -> set[str]:
+        """The options a meta-trained editor of this method may change after training."""
+        return {f.name for f in dataclasses.fields(self.config) if f.metadata.get("test_time")}
+
+    def config_from(self, values: Mapping | None = None, **overrides):
+        """The method's config from `values` (a mapping: YAML section, saved config) with
+        `overrides` on top; an unknown key is an error naming the method's known ones."""
+        values = {**dict(values or {}), **overrides}
+        values.setdefault("rule", self.name)
+        known = {f.name for f in dataclasses.fields(self.config)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise TypeError(f"unknown option(s) {unknown} for editing method {self.name!r}; "
+                            f"it has {sorted(known - {'rule'})}")
+        if values["rule"] != self.name:
+            raise ValueError(f"a config of method {values['rule']!r} given to {self.name!r}")
+        return self.config(**values)
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str, config: type | str, editor: type | str,
+                    meta_trained: bool = False) -> Method:
+    """Add an editing method. `config`: a dataclass with a `rule` field (the method's name)
+    and one field per option; `editor`: a `BaseEditor` subclass with `from_config`. Either
+    may be a "module:object" string, imported when the method is first used."""
+    if name in METHODS:
+        raise ValueError(f"editing method {name!r} is already registered")
+    for obj in (config, editor):
+        if not isinstance(obj, type | str):
+            raise TypeError(f"method {name!r}: config and editor are classes or "
+                            f"'module:object' strings, got {obj!r}")
+    if isinstance(config, type) and "rule" not in {f.name for f in dataclasses.fields(config)}:
+        raise TypeError(f"the config of method {name!r} must be a dataclass with a 'rule' field")
+    METHODS[name] = Method(name, config, editor, meta_trained)
+    return METHODS[name]
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown editing method {name!r}; registered: {sorted(METHODS)}")
+    return METHODS[name]
+
+
+def help_lines(config: type) -> dict[str, str]:
+    """{field: its help line} of a config dataclass."""
+    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(config)}
+
+
+register_method("none", "editor.editors:NoConfig", "editor.editors:NoEditor")
+register_method("ft", "editor.editors:FTConfig", "editor.editors:FTEditor")
+register_method("malmen", "editor.editors:MalmenConfig", "editor.editors:HyperEditor",
+                meta_trained=True)
+register_method("mend", "editor.editors:MendConfig", "editor.editors:HyperEditor",
+                meta_trained=True)

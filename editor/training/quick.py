@@ -1,0 +1,52 @@
+"""A quick MALMEN editor for a model: meta-trained once with a small recipe, then cached
+(what `make demo` and `Editor.quick` use; minutes on a CPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from ..files import cache_dir, digest
+from .run import run
+
+CONF = Path(__file__).resolve().parents[2] / "conf"  # the toolkit's hydra config folder
+
+# scripts/train.py overrides of the quick recipe
+QUICK = (
+    "locality=nq",
+    "locality.nq=10",        # strong locality: unrelated answers stay as they were
+    "train.steps=60",
+    "train.n_edits=16",
+    "train.val_every=20",
+    "train.ckpt_every=10",
+    "data.val_size=32",
+    "train.test_facts=32",
+    "train.test_gen=0",      # no greedy-answer check in the quick run
+)
+
+
+def train_config(overrides):
+    """conf/config.yaml (what scripts/train.py composes) with `overrides`; inside a running
+    hydra app (scripts/edit.py) its config search path is used."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        return compose("config", overrides=list(overrides))
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def quick_editor(model: str, data: str = "zsre", overrides=None) -> Path:
+    """The checkpoint of a quick editor for `model` (a registry name or folder), trained
+    into the cache if absent (named by its recipe; a killed training resumes)."""
+    overrides = [f"model={model}", f"data={data}", *(QUICK if overrides is None else overrides)]
+    folder = cache_dir() / "editors" / f"quick-{Path(model).name}-{digest(' '.join(overrides))}"
+    if not (folder / "metrics.json").exists():
+        print(f"no cached quick editor for {model}: meta-training one into {folder}")
+        cfg = train_config(overrides)
+        folder.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, folder / "config.yaml")
+        run(cfg, folder)
+    return folder / "checkpoint.safetensors"

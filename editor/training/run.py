@@ -1,0 +1,172 @@
+"""One meta-training run, from a composed config to a run folder (scripts/train.py's body).
+
+    run(cfg, out)   # loads the model and data, builds the method's editor, meta-trains it
+                    # (resuming from out/checkpoint.safetensors or train.resume_from), checks
+                    # it on held-out test facts; writes checkpoint.safetensors,
+                    # history.jsonl, curves.png and metrics.json into `out`
+
+A method that is not meta-trained (FT) is only checked on validation and test facts.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from ..chat import fact_rows
+from ..data import load_facts
+from ..editors import config_dict
+from ..evaluation.metrics import answer_matches, edit_metrics, generation_metrics
+from ..files import write_json
+from ..lm import with_hidden
+from ..methods import get_method
+from ..models import edit_modules, load_model
+from .meta import (MetaTrainer, check_config, check_pool, fact_keys, memory_estimate,
+                   prepare_data, sizes, train)
+
+
+def make_logger(cfg, out: Path, past: list[dict]):
+    """Appends records to history.jsonl (rewritten from the checkpoint's history on resume,
+    so steps after the last checkpoint are not doubled) and to wandb if enabled."""
+    history = out / "history.jsonl"
+    history.write_text("".join(json.dumps(r) + "\n" for r in past))
+    run = None
+    if cfg.wandb.enabled:
+        import wandb
+
+        run = wandb.init(project=cfg.wandb.project, mode=cfg.wandb.mode, dir=str(out),
+                         config=OmegaConf.to_container(cfg, resolve=True))
+
+    def log(record):
+        with history.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if run is not None:
+            run.log(record, step=record.get("step"))
+
+    return log, run
+
+
+def plot(history: list[dict], path: Path) -> None:
+    """Losses (log scale) and validation metrics against the step, as a PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    steps = [r["step"] for r in history]
+    for key in ("gen_loss", "loc_nq", "loc_subject", "loc_instruction", "loc_harmful"):
+        if any(key in r for r in history):
+            a.plot(steps, [r.get(key) for r in history], label=key)
+    a.set_yscale("log")
+    a.set_xlabel("step")
+    a.legend()
+    val = [r for r in history if "val_ES" in r]
+    keys = [k for k in val[-1] if k.startswith("val_") and k.endswith(("ES", "GS", "LS"))] \
+        if val else []
+    for key in keys:  # val_ES, ... at the first N; val_<N>_ES, ... dashed
+        b.plot([r["step"] for r in val], [r.get(key) for r in val], marker="o", label=key,
+               linestyle="-" if key.count("_") == 1 else "--")
+    b.set_xlabel("step")
+    b.set_ylim(0, 1.02)
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _load(cfg):
+    device_map = cfg.model.get("device_map")
+    model, tok = load_model(cfg.model.name, dtype=cfg.model.dtype,
+                            device=None if device_map else cfg.device,
+                            chat_template=cfg.model.chat_template,
+                            **({"device_map": device_map} if device_map else {}))
+    return model, tok, edit_modules(model, cfg.model.edit.module, list(cfg.model.edit.layers))
+
+
+def _estimate(cfg, editor, modules, facts, trained: bool) -> dict:
+    """The memory estimate printed before any work (rows the cache will hold)."""
+    targets = (1 + cfg.train.augment.new_targets) * len(facts["train"]) * trained
+    rows = 2 * targets + len(facts["train"]) * trained + 3 * len(facts["validation"])  # + nq
+    if trained and cfg.train.hidden_cache:
+        rows += 2 * cfg.locality.pool_size
+    captured = targets * (2 if cfg.train.augment.swap > 0 else 1) * cfg.train.hidden_cache
+    return memory_estimate(editor.model, modules, editor.hypernet if trained else None,
+                           rows if cfg.train.hidden_cache else 0, training=trained,
+                           n_edits=max(sizes(cfg.train.n_edits)) if trained else 0,
+                           captured_rows=captured)
+
+
+def run(cfg, out: Path) -> dict:
+    """Meta-train (or, for a method with nothing to train, only check) one editor; returns
+    and writes metrics.json."""
+    out = Path(out)
+    check_config(cfg)  # before any work: ranges of train.*, named in the error
+    method = get_method(cfg.editor.rule)
+    config = method.config_from(OmegaConf.to_container(cfg.editor, resolve=True))
+    torch.manual_seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    model, tok, modules = _load(cfg)
+    system, trained = cfg.model.system_prompt, method.meta_trained
+    facts = {s: load_facts(cfg.data.name, s, val_size=cfg.data.val_size, seed=cfg.data.seed,
+                           limit=cfg.train.train_facts if s == "train" else None)
+             for s in ("train", "validation")}
+    test = load_facts(cfg.data.name, "test", limit=cfg.train.test_facts)
+    if trained:
+        check_pool(cfg.train.n_edits, fact_keys(facts["train"]))
+    editor = method.editor.from_config(model, tok, modules, config, system)
+    estimate = _estimate(cfg, editor, modules, facts, trained)
+    print("memory estimate (GiB): " + ", ".join(f"{k} {v:.2f}" for k, v in estimate.items()))
+    start = time.perf_counter()
+    data = prepare_data(editor, facts["train"] if trained else [], facts["validation"],
+                        cfg.locality if trained else None, cfg.train.hidden_cache,
+                        cfg.train.batch_size, system, cfg.train.augment)
+    metrics = {"prepare_seconds": time.perf_counter() - start, "memory_estimate_gib": estimate}
+    print(f"prepared {len(data.edit)} training facts in {metrics['prepare_seconds']:.0f}s")
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    meta = {"config": {**resolved, "editor": config_dict(config)}, "model": cfg.model.name,
+            "modules": list(modules), "rule": method.name}
+    if trained:
+        trainer = MetaTrainer(editor, data, cfg.train, cfg.locality, seed=cfg.seed)
+        resume = cfg.train.resume_from or (out / "checkpoint.safetensors")
+        if Path(resume).exists():
+            trainer.load(resume)
+            print(f"resumed from {resume} at step {trainer.step_count}")
+        log, wandb_run = make_logger(cfg, out, trainer.history)
+        metrics.update(train(trainer, cfg.train.steps, out, cfg.train.val_every,
+                             cfg.train.ckpt_every, meta, log))
+        plot(trainer.history, out / "curves.png")
+        if wandb_run is not None:
+            wandb_run.finish()
+    else:
+        metrics.update({f"val_{k}": v for k, v in edit_metrics(editor, data.val).items()})
+    metrics.update(test_metrics(cfg, editor, test))
+    write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def test_metrics(cfg, editor, test) -> dict:
+    """The final check: the test facts edited at once (greedy answers on `train.test_gen`)."""
+    model, tok, system = editor.model, editor.tokenizer, cfg.model.system_prompt
+    rows = fact_rows(tok, test, system)
+    if cfg.train.hidden_cache:
+        rows = {k: with_hidden(model, tok, r, editor.first, cfg.train.batch_size)
+                for k, r in rows.items()}
+
+    def answers():  # greedy answers while the test edit is applied
+        return generation_metrics(answer_matches(model, tok, list(test)[:cfg.train.test_gen],
+                                                 cfg.train.answer_tokens, cfg.train.batch_size,
+                                                 system))
+
+    start = time.perf_counter()
+    out = {f"test_{k}": v for k, v in edit_metrics(
+        editor, rows, extra=answers if cfg.train.test_gen else None).items()}
+    out["test_seconds"] = time.perf_counter() - start
+    return out

@@ -1,0 +1,145 @@
+"""The package's shape: no import cycle, the Editor API without training or evaluation
+code, one registry of editing methods that every entry point uses."""
+
+import ast
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from editor.methods import METHODS, get_method, help_lines, register_method
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("editor", "hypernet")
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: Path, top_only: bool = False) -> set[str]:
+    """The modules `path` imports, anywhere in it (deferred imports included) or, with
+    `top_only`, at module level."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    tree = ast.parse(path.read_text())
+    found = set()
+    for node in (tree.body if top_only else ast.walk(tree)):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parent + ([node.module] if node.module else []))
+            found.add(base)
+            found |= {f"{base}.{a.name}" for a in node.names}
+    return found
+
+
+def graph() -> dict[str, set[str]]:
+    files = [p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")]
+    modules = {module_name(p): p for p in files}
+    # a module's own ancestor packages are initialised before it whatever it imports
+    return {m: {i for i in imports(p) if i in modules and not (m + ".").startswith(i + ".")}
+            for m, p in modules.items()}
+
+
+def test_no_import_cycle_anywhere():
+    edges, state, cycles = graph(), {}, []
+
+    def visit(m, path):
+        state[m] = "open"
+        for n in sorted(edges[m]):
+            if state.get(n) == "open":
+                cycles.append(path[path.index(n):] + [n])
+            elif n not in state:
+                visit(n, path + [n])
+        state[m] = "done"
+
+    for m in sorted(edges):
+        if m not in state:
+            visit(m, [m])
+    assert not cycles, f"import cycles: {cycles}"
+
+
+def test_layers():
+    """hypernet is pure tensor math; the core never imports the roles built on it at module
+    level (the safe model and Editor.quick name theirs lazily); evaluation never imports
+    training; training and evaluation never import the safety test bed."""
+    edges = graph()
+    roles = ("editor.training", "editor.evaluation", "editor.safety")
+    for m, deps in edges.items():
+        if m.startswith("hypernet"):
+            assert not any(d.startswith("editor") for d in deps), (m, deps)
+    for path in (ROOT / "editor").glob("*.py"):
+        wrong = [i for i in imports(path, top_only=True) if i.startswith(roles)]
+        assert not wrong, f"{path.name} imports {wrong}"
+    for m, deps in edges.items():
+        if m.startswith("editor.evaluation"):
+            assert not any(d.startswith("editor.training") for d in deps), (m, deps)
+        if m.startswith(("editor.training", "editor.evaluation")):
+            assert not any(d.startswith("editor.safety") for d in deps), (m, deps)
+
+
+def test_editor_api_imports_no_training_or_evaluation_code():
+    code = ("import sys; from editor import Editor; "
+            "print(sorted(m for m in sys.modules if m.startswith('editor')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=ROOT, check=True).stdout
+    loaded = ast.literal_eval(out.strip())
+    assert "editor.api" in loaded
+    assert not [m for m in loaded if m.startswith(("editor.training", "editor.evaluation",
+                                                   "editor.safety"))], loaded
+
+
+def test_scripts_are_thin_and_dispatch_through_the_registry():
+    for path in sorted((ROOT / "scripts").glob("*.py")):
+        lines = path.read_text().splitlines()
+        assert len(lines) <= 110, f"{path.name}: {len(lines)} lines"
+    dispatch = re.compile(r"""rule\s*(==|!=|in)\s*[("']|\.rule\s*==""")
+    for path in [*(ROOT / "scripts").glob("*.py"), *(ROOT / "editor").rglob("*.py")]:
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            assert not dispatch.search(line), f"{path.relative_to(ROOT)}:{i}: {line.strip()}"
+
+
+def test_registry_lists_builtin_methods_with_help_and_rejects_unknown_options():
+    assert {"none", "ft", "malmen", "mend"} <= set(METHODS)
+    malmen = get_method("malmen")
+    assert malmen.meta_trained and not get_method("ft").meta_trained
+    assert all(help_lines(malmen.config).values()), "every option has a help line"
+    assert {"step_scale", "eot_rows", "reg_rows"} <= malmen.test_time
+    assert malmen.config_from({"rank": 8}).rank == 8
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['rnak'\]"):
+        malmen.config_from(rnak=8)
+    with pytest.raises(ValueError, match="unknown editing method 'memit'"):
+        get_method("memit")
+
+
+def test_a_registered_method_is_usable_from_the_api(tiny_llama):
+    """A new method is one class plus one registration: here, FT with its own defaults."""
+    from editor import Editor
+    from editor.editors import FTEditor
+
+    @dataclass
+    class HalfStepConfig:
+        name: str = "half"
+        rule: str = "half-ft"
+        steps: int = 1
+        lr: float = 5e-5
+
+    register_method("half-ft", HalfStepConfig, FTEditor)
+    try:
+        model, tok = tiny_llama
+        ed = Editor.from_pretrained(model, tokenizer=tok, method="half-ft", steps=2)
+        assert isinstance(ed.shifter, FTEditor) and ed.shifter.steps == 2
+        with pytest.raises(ValueError, match="already registered"):
+            register_method("half-ft", HalfStepConfig, FTEditor)
+        with pytest.raises(ValueError, match="is meta-trained"):
+            Editor.from_pretrained(model, tokenizer=tok, method="malmen")
+    finally:
+        del METHODS["half-ft"]

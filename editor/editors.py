@@ -14,7 +14,7 @@ bitwise equal to before (never restored by subtracting).
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -23,12 +23,8 @@ from hypernet import HyperNetwork
 
 from .chat import encode_facts
 from .lm import capture, first_block, forward, row_chunks
+from .methods import option
 from .models import DTYPES, kv_shape, set_weight_kv, weight_kv
-
-
-def option(default, help: str, test_time: bool = False):  # noqa: A002 (metadata's word)
-    """A config field with its help line; `test_time`: a trained editor may change it."""
-    return field(default=default, metadata={"help": help, "test_time": test_time})
 
 
 class Laps:
@@ -120,12 +116,15 @@ class NoEditor(BaseEditor):
 class HyperConfig:
     """Options of the hypernetwork editors (MALMEN, MEND): the network, the solve, the rows."""
 
+    RENAMED = {"lr": "init_step_size", "log_lam": "init_log_lam", "log_mu": "init_log_mu"}
+
     name: str = option("malmen", "the method's label in run folders and results")
     rule: str = option("malmen", "the registered method: malmen or mend")
     rank: int = option(1920, "rank of each residual block of the hypernetwork")
     n_blocks: int = option(2, "residual blocks of the hypernetwork")
-    lr: float = option(3e-4, "initial per-layer step size eta (learned)")
-    log_lam: float = option(0.0, "initial per-layer log lambda of the solve (learned; MALMEN)")
+    init_step_size: float = option(3e-4, "initial per-layer step size eta (learned)")
+    init_log_lam: float = option(0.0, "initial per-layer log lambda of the solve (learned; "
+                                 "MALMEN)")
     solve_dtype: str = option("float32", "dtype of the least-squares solve (float32 or "
                               "float64)", test_time=True)
     hyper_chunk: int = option(1024, "key rows per hypernetwork forward (bounds memory at any N)",
@@ -136,7 +135,7 @@ class HyperConfig:
                                   "scaled by n / r (null: unscaled)", test_time=True)
     prior: bool = option(True, "key prior C (second moment of the edited modules' keys on the "
                          "locality answers) in the solve: (K^T K + lam I + mu C) S = K^T D")
-    log_mu: float = option(4.0, "initial per-layer log mu, the prior's weight (learned)")
+    init_log_mu: float = option(4.0, "initial per-layer log mu, the prior's weight (learned)")
     step_scale: float = option(1.0, "test-time multiplier of the learned step size "
                                "(meta-training uses 1)", test_time=True)
 
@@ -152,16 +151,17 @@ class MendConfig(HyperConfig):
 
     name: str = option("mend", "the method's label in run folders and results")
     rule: str = option("mend", "the registered method: malmen or mend")
-    lr: float = option(3e-6, "initial per-layer step size eta (learned); untrained, on 128 "
-                       "facts: 1e-6 ES 0.21 LS 0.92, 3e-6 ES 0.25 LS 0.76, 1e-5 ES 0.28 LS 0.32")
+    init_step_size: float = option(3e-6, "initial per-layer step size eta (learned); "
+                                   "untrained, on 128 facts: 1e-6 ES 0.21 LS 0.92, 3e-6 ES "
+                                   "0.25 LS 0.76, 1e-5 ES 0.28 LS 0.32")
     prior: bool = option(False, "MEND has no solve, so no key prior")
 
 
 def build_hypernet(modules: dict, config: HyperConfig) -> HyperNetwork:
-    prior = {"prior": True, "log_mu": config.log_mu} if config.prior else {}
+    prior = {"prior": True, "log_mu": config.init_log_mu} if config.prior else {}
     return HyperNetwork({n: kv_shape(m) for n, m in modules.items()}, rule=config.rule,
-                        rank=config.rank, n_blocks=config.n_blocks, lr=config.lr,
-                        log_lam=config.log_lam, reg_rows=config.reg_rows, **prior)
+                        rank=config.rank, n_blocks=config.n_blocks, lr=config.init_step_size,
+                        log_lam=config.init_log_lam, reg_rows=config.reg_rows, **prior)
 
 
 class HyperEditor(BaseEditor):

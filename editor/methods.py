@@ -19,10 +19,11 @@ any key it does not know.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 def resolve(obj):
@@ -56,7 +57,8 @@ class Method:
     def config_from(self, values: Mapping | None = None, **overrides):
         """The method's config from `values` (a mapping: YAML section, saved config) with
         `overrides` on top; an unknown key is an error naming the method's known ones."""
-        values = {**dict(values or {}), **overrides}
+        renamed = getattr(self.config, "RENAMED", {})  # old names, e.g. in older checkpoints
+        values = {renamed.get(k, k): v for k, v in {**dict(values or {}), **overrides}.items()}
         values.setdefault("rule", self.name)
         known = {f.name for f in dataclasses.fields(self.config)}
         unknown = sorted(set(values) - known)
@@ -69,6 +71,15 @@ class Method:
 
 
 METHODS: dict[str, Method] = {}
+
+
+def option(default, help: str, test_time: bool = False):  # noqa: A002 (metadata's word)
+    """A config field with its default and help line (a list or dict default is copied per
+    instance); `test_time`: a meta-trained editor may change it after training."""
+    meta = {"help": help, "test_time": test_time}
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 def register_method(name: str, config: type | str, editor: type | str,

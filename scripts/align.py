@@ -29,8 +29,9 @@ from editor.safety.recipe import SafetyRecipe, build, safe_folder
 class AlignConfig:
     recipe: SafetyRecipe = field(default_factory=SafetyRecipe)
     evaluate: bool = True
-    eval: SuiteConfig = field(  # all IFEval prompts, 256 tokens
-        default_factory=lambda: SuiteConfig(ifeval=Limit(None), max_new_tokens=256))
+    eval: SuiteConfig = field(  # all IFEval and XSTest safe prompts, 256 tokens
+        default_factory=lambda: SuiteConfig(ifeval=Limit(None), xstest=Limit(None),
+                                            max_new_tokens=256, behaviour_batch_size=32))
 
 
 ConfigStore.instance().store(name="align_schema", node=AlignConfig)  # conf/align.yaml

@@ -30,7 +30,10 @@ from editor.evaluation.speed import STAGES, bench_edits, hardware
 from editor.files import write_atomic
 from editor.methods import get_method
 from editor.models import edit_modules, load_model
+from editor.training.config import register
 from editor.training.speed import bench_training
+
+register()  # the train, locality and editor groups (typed, in editor.training.config)
 
 
 @hydra.main(config_path="../conf", config_name="bench", version_base="1.3")

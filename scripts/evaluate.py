@@ -22,8 +22,11 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from editor.evaluation.report import plot_records, report
+from editor.evaluation.config import register
 from editor.evaluation.suite import evaluate
 from editor.files import write_atomic
+
+register()  # the eval group (typed, in editor.evaluation.config)
 
 
 @hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")

@@ -16,7 +16,10 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from editor.training.config import register
 from editor.training.run import run
+
+register()  # the train, locality and editor groups (typed, in editor.training.config)
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")

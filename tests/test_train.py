@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ["train.n_edits=8", "data.val_size=16", "train.test_facts=16", "editor.rank=32",
         "locality.pool_size=8", "locality.n_instruction=4", "locality.n_harmful=4",
         "locality.response_tokens=8", "train.meta_lr=1e-3", "train.scalar_lr=0.1",
-        "train.val_every=10", "train.ckpt_every=5", "editor.lr=3e-4"]
+        "train.val_every=10", "train.ckpt_every=5", "editor.init_step_size=3e-4"]
 
 
 def train(tmp_path, run, *overrides, env_extra=None):
@@ -37,7 +37,7 @@ def test_meta_training_learns_to_edit(tmp_path, model):
     steps = [r for r in rows if r["step"] > 0]
     mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
     assert val[0]["step"] == 0 and val[-1]["step"] == 40
-    assert mean(steps[-5:], "gen_loss") < mean(steps[:5], "gen_loss")
+    assert mean(steps[-5:], "rephrase_loss") < mean(steps[:5], "rephrase_loss")
     assert val[-1]["val_ES"] > val[0]["val_ES"] + 0.2, val
     assert metrics["test_ES"] > val[0]["val_ES"] + 0.2 and metrics["steps"] == 40
     for name in ("checkpoint.safetensors", "curves.png", ".hydra/config.yaml"):
@@ -52,7 +52,7 @@ def test_killed_run_resumes_on_the_same_curve(tmp_path):
     b = history(tmp_path / "part" / "history.jsonl")
     assert [r["step"] for r in b] == list(range(0, 11))
     for x, y in zip(a[1:], b[1:]):
-        assert x["gen_loss"] == pytest.approx(y["gen_loss"], rel=1e-4), (x, y)
+        assert x["rephrase_loss"] == pytest.approx(y["rephrase_loss"], rel=1e-4), (x, y)
     assert resumed["val_ES"] == pytest.approx(full["val_ES"], abs=1e-6)
 
 
@@ -81,7 +81,7 @@ def test_key_prior_is_trained_saved_and_used_by_the_api(tmp_path):
     from editor.data import load_facts
 
     train(tmp_path, "run", "model=tiny-llama", "train.steps=10", "editor.prior=true",
-          "editor.log_mu=0.0", "locality.subject=1.0", "locality.subject_tokens=4")
+          "editor.init_log_mu=0.0", "locality.subject_coef=1.0", "locality.subject_tokens=4")
     steps = [r for r in history(tmp_path / "run" / "history.jsonl") if r["step"] > 0]
     assert all("loc_subject" in r for r in steps)  # the subject locality source is used
     assert max(r["loc_subject"] for r in steps) > 0

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ..chat import generate
 from ..data import ASSETS
+from ..methods import option
 from ..prompts import load_advbench, load_ifeval, load_xstest
 
 ADVBENCH_PHRASES = (
@@ -106,19 +107,25 @@ def ifeval_score(records: list[dict], responses: list[str]) -> dict:
 
 @dataclass
 class Limit:
-    limit: int | None = None             # prompts used (None: all)
+    limit: int | None = option(None, "prompts used (null: all)")
+
+
+def _limit(n):
+    return field(default_factory=lambda: Limit(n), metadata={"help": f"prompts used ({n})"})
 
 
 @dataclass
 class SuiteConfig:
-    """How much of each suite to run: the fields of an `eval` config group
-    (conf/eval/default.yaml, scripts/align.py), so `eval.ifeval.limit=50` works in both."""
-    ifeval: Limit = field(default_factory=lambda: Limit(100))     # of 541 prompts
-    advbench: Limit = field(default_factory=lambda: Limit(100))   # of 520 behaviours
-    xstest: Limit = field(default_factory=Limit)                   # of 250 safe prompts
-    max_new_tokens: int = 128            # IFEval response length
-    refusal_tokens: int = 48             # AdvBench / XSTest response length
-    behaviour_batch_size: int = 32
+    """How much of each suite to run: the fields of an `eval` config (editor.evaluation.config,
+    scripts/align.py), so `eval.ifeval.limit=50` works in both."""
+    ifeval: Limit = _limit(100)          # of 541 prompts
+    advbench: Limit = _limit(100)        # of 520 behaviours
+    xstest: Limit = _limit(100)          # of 250 safe prompts (the first, harder categories)
+    max_new_tokens: int = option(128, "IFEval response length")
+    refusal_tokens: int = option(48, "AdvBench / XSTest response length, and the unedited "
+                                 "model's responses to the KL-drift conversations")
+    behaviour_batch_size: int = option(100, "one batch per suite: 27% faster than 32 here, "
+                                       "same answers")
 
 
 def behaviour_suite(model, tokenizer, suite: SuiteConfig | None = None, system=None) -> dict:

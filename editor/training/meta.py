@@ -89,8 +89,8 @@ class MetaTrainer:
         self.opt = torch.optim.Adam([{"params": is_scalar[False], "lr": cfg.meta_lr},
                                      {"params": is_scalar[True], "lr": cfg.scalar_lr}])
         self.step_count, self.history = 0, []
-        self.coefs = {s: float(loc_cfg.get(s, 0)) for s in PER_FACT + POOLS
-                      if float(loc_cfg.get(s, 0)) > 0}
+        self.coefs = {s: float(loc_cfg.get(f"{s}_coef", 0)) for s in PER_FACT + POOLS
+                      if float(loc_cfg.get(f"{s}_coef", 0)) > 0}
 
     # ------------------------------------------------------------- batches
     def n_edits(self, step: int) -> int:
@@ -197,7 +197,7 @@ class MetaTrainer:
             ed.apply({name: hn.shift(name, k, d, ed.solve_dtype, ed.hyper_chunk, caches[name])
                       for name, (k, d) in captured.items()})
         # 3. meta-loss on the edited model; G = dL/dW
-        parts = {"gen_loss": (list(gen_rows), cfg.gen_coef, "ce")}
+        parts = {"rephrase_loss": (list(gen_rows), cfg.rephrase_coef, "ce")}
         parts.update({f"loc_{s}": (r, self.coefs[s], "kl") for s, r in locs.items()})
         if cfg.edit_coef > 0:  # the edit prompts themselves, after the edit
             parts["edit_after"] = (list(edit_rows), cfg.edit_coef, "ce")
@@ -277,11 +277,11 @@ def prepare_data(editor, train_facts, val_facts, loc_cfg, use_cache: bool, batch
         val=fact_rows(tok, val_facts, system),
         keys=fact_keys(facts))
     for source in POOLS:
-        if loc_cfg is not None and float(loc_cfg[source]) > 0:
+        if loc_cfg is not None and float(loc_cfg[f"{source}_coef"]) > 0:
             pairs = base_responses(model, tok, source, loc_cfg.pool_size, loc_cfg.response_tokens,
                                    loc_cfg.max_prompt_chars, system)
             data.pools[source] = conversation_rows(tok, pairs, system)
-    if loc_cfg is not None and float(loc_cfg.get("subject", 0)) > 0:
+    if loc_cfg is not None and float(loc_cfg.get("subject_coef", 0)) > 0:
         data.subject = subject_rows(model, tok, facts, loc_cfg.subject_tokens, system)
     if use_cache:
         def cached(rs):
@@ -343,8 +343,8 @@ def train(trainer: MetaTrainer, steps: int, out_dir: Path, val_every: int, ckpt_
         if log is not None:
             log(record)
         bar.update(1)
-        bar.set_postfix({k: f"{v:.3g}" for k, v in record.items()
-                         if k in ("gen_loss", "loc_instruction", "val_ES", "val_GS", "val_LS")})
+        shown = ("rephrase_loss", "loc_instruction", "val_ES", "val_GS", "val_LS")
+        bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k in shown})
         if trainer.step_count % ckpt_every == 0 or trainer.step_count == steps:
             trainer.save(ckpt, meta)
     bar.close()
@@ -399,7 +399,7 @@ def check_config(cfg) -> None:
         need(f"train.{name}", integer(0), "an integer >= 0")
     for name in ("meta_lr", "max_grad_norm"):
         need(f"train.{name}", number(0, strict=True), "a number > 0")
-    for name in ("scalar_lr", "gen_coef", "edit_coef"):
+    for name in ("scalar_lr", "rephrase_coef", "edit_coef"):
         need(f"train.{name}", number(0), "a number >= 0")
     need("train.augment.swap", number(0, 1), "a probability in [0, 1]")
     need("train.train_facts", lambda v: v is None or integer(1)(v), "null or an integer >= 1")

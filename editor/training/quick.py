@@ -8,6 +8,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from ..files import cache_dir, digest
+from .config import register
 from .run import run
 
 CONF = Path(__file__).resolve().parents[2] / "conf"  # the toolkit's hydra config folder
@@ -15,7 +16,7 @@ CONF = Path(__file__).resolve().parents[2] / "conf"  # the toolkit's hydra confi
 # scripts/train.py overrides of the quick recipe
 QUICK = (
     "locality=nq",
-    "locality.nq=10",        # strong locality: unrelated answers stay as they were
+    "locality.nq_coef=10",   # strong locality: unrelated answers stay as they were
     "train.steps=60",
     "train.n_edits=16",
     "train.val_every=20",
@@ -31,6 +32,8 @@ def train_config(overrides):
     hydra app (scripts/edit.py) its config search path is used."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+
+    register()
 
     if GlobalHydra.instance().is_initialized():
         return compose("config", overrides=list(overrides))

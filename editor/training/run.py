@@ -61,7 +61,7 @@ def plot(history: list[dict], path: Path) -> None:
         return
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     steps = [r["step"] for r in history]
-    for key in ("gen_loss", "loc_nq", "loc_subject", "loc_instruction", "loc_harmful"):
+    for key in ("rephrase_loss", "loc_nq", "loc_subject", "loc_instruction", "loc_harmful"):
         if any(key in r for r in history):
             a.plot(steps, [r.get(key) for r in history], label=key)
     a.set_yscale("log")

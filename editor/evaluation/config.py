@@ -1,0 +1,35 @@
+"""The typed config of the `eval` group (scripts/evaluate.py), one default each, registered
+with hydra's ConfigStore as `eval/base`; conf/eval/{default,full}.yaml are its presets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..methods import option
+from .behaviour import SuiteConfig
+
+
+@dataclass
+class EvalConfig(SuiteConfig):
+    """What scripts/evaluate.py measures; the behaviour suites' fields are SuiteConfig's."""
+
+    name: str = option("default", "the preset's label in run folders")
+    ns: list[int] = option([1, 16, 128, 512, 1024], "facts edited at once (capped at the test "
+                           "split's size)")
+    datasets: list[str] = option(["zsre", "counterfact"], "test splits (1000 and 500 facts)")
+    behaviour_ns: list[int] = option([128], "N at which IFEval / AdvBench / XSTest / KL drift "
+                                     "are measured (on the first dataset)")
+    max_n: dict = option({"unedited": None, "malmen-chat": None, "malmen-nq": None,
+                          "mend": None, "ft": 128},
+                         "per-method cap on N (null: none; FT's full-batch steps grow with N); "
+                         "a method added with +methods.x adds its cap with +eval.max_n.x")
+    answer_tokens: int = option(16, "greedy tokens for the generation exact match")
+    gen_limit: int | None = option(256, "ES_gen / GS_gen on the first this many of the N facts")
+    kl_conversations: int = option(50, "held-out instruction and harmful conversations each")
+    batch_size: int = option(64, "rows per teacher-forced forward and per answer batch")
+
+
+def register() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(group="eval", name="base", node=EvalConfig)

@@ -15,8 +15,8 @@ CONF = Path(__file__).resolve().parents[2] / "conf"  # the toolkit's hydra confi
 
 # scripts/train.py overrides of the quick recipe
 QUICK = (
-    "locality.pool_size=48",       # the default chat locality (NQ 10x, instruction and
-    "locality.response_tokens=24",  # harmful-request conversations), smaller pools
+    "locality=nq",
+    "locality.nq_coef=10",   # strong locality: unrelated answers stay as they were
     "train.steps=60",
     "train.n_edits=16",
     "train.val_every=20",

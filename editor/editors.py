@@ -13,8 +13,7 @@ bitwise equal to before (never restored by subtracting).
 
 from __future__ import annotations
 
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -25,25 +24,6 @@ from .chat import encode_facts
 from .lm import capture, first_block, forward, row_chunks
 from .methods import option
 from .models import DTYPES, kv_shape, set_weight_kv, weight_kv
-
-
-class Laps:
-    """Seconds per stage of a computation: `lap(stage)` adds the time since the previous
-    lap to `stage` (the stages of an edit: capture, hypernetwork, solve, ...)."""
-
-    def __init__(self, sync=None):
-        self.seconds: dict[str, float] = {}
-        self.sync = sync or (lambda: None)
-        self.last = self.now()
-
-    def now(self) -> float:
-        self.sync()
-        return time.perf_counter()
-
-    def __call__(self, stage: str) -> None:
-        now = self.now()
-        self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self.last
-        self.last = now
 
 
 def _no_lap(stage: str) -> None:
@@ -69,7 +49,7 @@ class BaseEditor:
     def compute_shifts(self, batch, lap=_no_lap) -> dict[str, torch.Tensor]:
         """{module name: S (d_k x d_v)} for all facts of the batch at once; leaves the
         weights unchanged. The batch may carry cached hidden states (editor.lm). `lap(stage)`
-        is called at the end of each stage (a `Laps` times them: scripts/bench.py)."""
+        is called at the end of each stage (`evaluation.speed.Laps` times them)."""
         raise NotImplementedError
 
     def batch(self, facts):
@@ -266,8 +246,3 @@ class FTEditor(BaseEditor):
                 set_weight_kv(m, start[n])
         lap("fine-tune")
         return shifts
-
-
-def config_dict(config) -> dict:
-    """A method's config as the plain dict checkpoints and results carry."""
-    return asdict(config)

@@ -3,7 +3,7 @@
 - `atomic_file(path)`: write into a temporary sibling, then rename: readers see the old
   file or the new one, never half of one; on any error (Ctrl-C included) nothing changes.
 - `atomic_folder(path)`: the same for a folder of files.
-- `digest(*parts)`: a short content hash naming a cache entry (parts are JSON-encoded).
+- `digest(*parts)`: a short content hash naming a cache entry.
 - `cache_dir()`: where cached models and responses live ($CHATEDIT_CACHE or
   ~/.cache/chatedit).
 """

@@ -8,7 +8,7 @@ Every entry point looks a method up here, by the `rule` of its editor config:
 scripts/train.py (what to build and whether to meta-train it), scripts/evaluate.py and
 scripts/bench.py (through `Editor.from_pretrained`), and `Editor.from_pretrained` itself.
 A new method is a module with a config dataclass and a `BaseEditor` subclass, plus one
-`register_method` call (docs/adding-a-method.md); the built-in ones are registered at the
+`register_method` call (docs/extending.md); the built-in ones are registered at the
 end of this file by "module:object" names, so importing the registry imports no editor.
 
 A config dataclass holds every option of its method, test-time ones included, each with a

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import random
 from pathlib import Path
@@ -25,16 +26,18 @@ from .files import cache_dir, digest, write_json
 from .text import key
 
 
-def _evaluation_prompts() -> set[str]:
-    """Normalised IFEval, AdvBench and XSTest prompts: kept out of every training source."""
+@functools.cache
+def _evaluation_prompts() -> frozenset[str]:
+    """Normalised IFEval, AdvBench and XSTest prompts: kept out of every training source
+    (read once per process)."""
     prompts = [*load_ifeval()["prompt"], *load_advbench()["goal"], *load_xstest(None)["prompt"]]
-    return {key(p) for p in prompts}
+    return frozenset(key(p) for p in prompts)
 
 
 def prompts_dataset(prompts: list[tuple[str, str]], split: str, sizes: dict, seed: int):
     """Seeded split of (id, prompt) pairs into train/validation/test with fixed sizes for
     validation and test; duplicates and evaluation prompts removed first."""
-    seen, unique = _evaluation_prompts(), []
+    seen, unique = set(_evaluation_prompts()), []
     for pid, prompt in prompts:
         if key(prompt) not in seen:
             seen.add(key(prompt))

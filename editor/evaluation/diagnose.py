@@ -11,9 +11,8 @@ and what the test-time levers (step size, end-of-turn rows, lambda and mu per ro
 
 from __future__ import annotations
 
-from tqdm.auto import tqdm
-
 from omegaconf import OmegaConf
+from tqdm.auto import tqdm
 
 from ..chat import encode_facts, fact_rows, sliced
 from ..data import load_facts
@@ -65,7 +64,7 @@ def _owner(editor, lever: str):
 
 
 def lever_sweep(editor, rows: dict, ns: list[int], levers: dict[str, list]) -> list[dict]:
-    """Edit metrics of the first N facts of aligned `rows` (`metrics.fact_rows`) as trained,
+    """Edit metrics of the first N facts of aligned `rows` (`chat.fact_rows`) as trained,
     then with one lever of `levers` ({name: values}) changed at a time; the editor's own
     settings are restored afterwards. Each record names the lever changed (None: as trained)
     and the value of every lever."""

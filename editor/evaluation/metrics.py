@@ -9,7 +9,7 @@ answer is trained on but not counted: every edit would "predict" it for free):
   unrelated (locality) prompts, at their answer tokens.
 Means over facts of per-fact values. By generation (`generation_metrics`): ES_gen / GS_gen,
 the share of greedy answers to the prompt / rephrase that equal the target after
-normalisation (`behaviour.exact_match`).
+normalisation (`text.exact_match`).
 """
 
 from __future__ import annotations

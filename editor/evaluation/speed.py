@@ -19,10 +19,28 @@ import torch.nn.functional as F
 
 from ..chat import conversations
 from ..data import load_facts
-from ..editors import Laps
 from ..lm import forward, padded, row_chunks
 
 STAGES = ("capture", "hypernetwork", "solve", "fine-tune", "apply")
+
+
+class Laps:
+    """Seconds per stage of a computation: `lap(stage)` adds the time since the previous
+    lap to `stage` (the stages of an edit: capture, hypernetwork, solve, ...)."""
+
+    def __init__(self, sync=None):
+        self.seconds: dict[str, float] = {}
+        self.sync = sync or (lambda: None)
+        self.last = self.now()
+
+    def now(self) -> float:
+        self.sync()
+        return time.perf_counter()
+
+    def __call__(self, stage: str) -> None:
+        now = self.now()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self.last
+        self.last = now
 
 
 class PeakMemory:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -19,7 +20,6 @@ from omegaconf import OmegaConf
 
 from ..chat import fact_rows
 from ..data import load_facts
-from ..editors import config_dict
 from ..evaluation.metrics import answer_matches, edit_metrics, generation_metrics
 from ..files import write_json
 from ..lm import with_hidden
@@ -90,14 +90,14 @@ def _load(cfg):
     return model, tok, edit_modules(model, cfg.model.edit.module, list(cfg.model.edit.layers))
 
 
-def _estimate(cfg, editor, modules, facts, trained: bool) -> dict:
+def _estimate(cfg, editor, facts, trained: bool) -> dict:
     """The memory estimate printed before any work (rows the cache will hold)."""
     targets = (1 + cfg.train.augment.new_targets) * len(facts["train"]) * trained
     rows = 2 * targets + len(facts["train"]) * trained + 3 * len(facts["validation"])  # + nq
     if trained and cfg.train.hidden_cache:
         rows += 2 * cfg.locality.pool_size
     captured = targets * (2 if cfg.train.augment.swap > 0 else 1) * cfg.train.hidden_cache
-    return memory_estimate(editor.model, modules, editor.hypernet if trained else None,
+    return memory_estimate(editor.model, editor.modules, editor.hypernet if trained else None,
                            rows if cfg.train.hidden_cache else 0, training=trained,
                            n_edits=max(sizes(cfg.train.n_edits)) if trained else 0,
                            captured_rows=captured)
@@ -122,7 +122,7 @@ def run(cfg, out: Path) -> dict:
     if trained:
         check_pool(cfg.train.n_edits, fact_keys(facts["train"]))
     editor = method.editor.from_config(model, tok, modules, config, system)
-    estimate = _estimate(cfg, editor, modules, facts, trained)
+    estimate = _estimate(cfg, editor, facts, trained)
     print("memory estimate (GiB): " + ", ".join(f"{k} {v:.2f}" for k, v in estimate.items()))
     start = time.perf_counter()
     data = prepare_data(editor, facts["train"] if trained else [], facts["validation"],
@@ -131,7 +131,7 @@ def run(cfg, out: Path) -> dict:
     metrics = {"prepare_seconds": time.perf_counter() - start, "memory_estimate_gib": estimate}
     print(f"prepared {len(data.edit)} training facts in {metrics['prepare_seconds']:.0f}s")
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    meta = {"config": {**resolved, "editor": config_dict(config)}, "model": cfg.model.name,
+    meta = {"config": {**resolved, "editor": asdict(config)}, "model": cfg.model.name,
             "modules": list(modules), "rule": method.name}
     if trained:
         trainer = MetaTrainer(editor, data, cfg.train, cfg.locality, seed=cfg.seed)

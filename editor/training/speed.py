@@ -4,8 +4,7 @@ at every position or at the label positions only (scripts/bench.py)."""
 from __future__ import annotations
 
 from ..data import load_facts
-from ..editors import Laps
-from ..evaluation.speed import PeakMemory, sync
+from ..evaluation.speed import Laps, PeakMemory, sync
 from ..lm import all_logits
 from .meta import MetaTrainer, prepare_data
 

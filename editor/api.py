@@ -31,7 +31,7 @@ from .editors import BaseEditor
 from .files import atomic_folder, check_folder, digest
 from .lm import accuracy, padded, predictions
 from .methods import get_method
-from .models import default_edit, edit_modules, kv_shape, load_model
+from .models import edit_modules, kv_shape, load_model
 from .text import exact_match, key
 
 EDITS_FILE = "edits.safetensors"
@@ -81,6 +81,8 @@ class EditBatch:
     facts: list[dict]
     shifts: dict[str, torch.Tensor] = field(repr=False)
     time: str = ""
+    stats: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # the method's
+    # per-batch statistics besides the shift (AlphaEdit: each module's K^T K)
 
 
 def _as_dict(fact, i: int) -> dict:
@@ -130,6 +132,18 @@ def check_facts(facts, history=()) -> list[dict]:
     return out
 
 
+def check_subjects(facts, rows, method: str) -> None:
+    """Every fact names a subject found in its prompt (locate-then-edit methods)."""
+    for i, (f, r) in enumerate(zip(facts, rows)):
+        if not f["subject"]:
+            raise ValueError(f"fact {i} ({f['prompt']!r} -> {f['target']!r}) has no subject; "
+                             f"{method} edits at the subject's last token: give 'subject'")
+        if r["subject_last"] < 0:
+            raise ValueError(f"fact {i}: its subject {f['subject']!r} does not occur in its "
+                             f"prompt {f['prompt']!r}; {method} edits at the subject's last "
+                             "token")
+
+
 def weights_fingerprint(master: dict[str, torch.Tensor]) -> str:
     """sha256 of the unedited weights of the edited modules (names, shapes and values)."""
     return digest(*(part for name in sorted(master) for part in (
@@ -154,12 +168,13 @@ class Editor:
         (then pass `tokenizer`). `editor_checkpoint`: a `checkpoint.safetensors` written by
         scripts/train.py, which names its method (MALMEN or MEND); without one, `method`
         picks an editing method that needs no meta-training (`editor.methods`: "ft", the
-        default, or "none").
+        default, "memit", "alphaedit" or "none").
 
         Overrides: dtype, device (loading by name); system (system prompt), answer_tokens;
         the method's options (its config dataclass): for a trained editor only the test-time
         ones (solve_dtype, hyper_chunk, eot_rows, reg_rows, step_scale), otherwise any (FT:
-        steps, lr); without a checkpoint, module and layers (default `models.default_edit`).
+        steps, lr; MEMIT / AlphaEdit: editor.memit); without a checkpoint, module and layers
+        (default: the method's own, `Method.default_edit`).
         `strict=False` allows a checkpoint trained on a model of another name (same modules)."""
         meta, tensors = {}, {}
         if editor_checkpoint is not None:
@@ -185,9 +200,9 @@ class Editor:
             if found.meta_trained:
                 raise ValueError(f"editing method {found.name!r} is meta-trained: pass the "
                                  "checkpoint scripts/train.py wrote for it")
-            module, layers = default_edit(model)
-            modules = edit_modules(model, overrides.pop("module", module),
-                                   overrides.pop("layers", layers))
+            module, layers = found.default_edit(model)
+            modules = edit_modules(model, overrides.pop("module", None) or module,
+                                   overrides.pop("layers", None) or layers)
             config, state = found.config_from(**overrides), None
         else:
             found, modules = cls._trained(model, meta, name, strict, method)
@@ -268,10 +283,13 @@ class Editor:
         start = time.perf_counter()
         limit = getattr(self.model.config, "max_position_embeddings", None)
         rows = [encode_pair(self.tokenizer, f["prompt"], f["target"], self.shifter.system,
-                            max_length=limit) for f in facts]
+                            max_length=limit, subject=f["subject"] or None) for f in facts]
+        if self.shifter.needs_subject:
+            check_subjects(facts, rows, type(self.shifter).__name__)
+        self.shifter.applied = [b.stats for b in self.history]
         shifts = self.shifter.compute_shifts(padded(self.model, self.tokenizer, rows))
         batch = EditBatch(facts, {n: s.detach().float().cpu() for n, s in shifts.items()},
-                          time.strftime("%Y-%m-%dT%H:%M:%S"))
+                          time.strftime("%Y-%m-%dT%H:%M:%S"), dict(self.shifter.stats))
         before = list(self.history)
         try:
             self._write(before + [batch])
@@ -331,6 +349,8 @@ class Editor:
     def save_edits(self, folder) -> Path:
         """Only the shifts of every applied batch (safetensors) and their metadata."""
         tensors = {f"{i}.{n}": s for i, b in enumerate(self.history) for n, s in b.shifts.items()}
+        tensors.update({f"{i}.stats.{n}": s for i, b in enumerate(self.history)
+                        for n, s in b.stats.items()})
         meta = {"base_model": self.name, "fingerprint": self.fingerprint,
                 "modules": list(self.modules), "saved": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "batches": [{"facts": b.facts, "time": b.time} for b in self.history]}
@@ -352,7 +372,9 @@ class Editor:
                              f"{self.name!r} ({self.fingerprint}); refusing to apply them")
         if not isinstance(meta.get("batches"), list):
             raise ValueError(f"{path}: no edit batches in its metadata (not written by save_edits)")
-        batches = [EditBatch(b["facts"], self._loaded_shifts(path, tensors, i), b["time"])
+        batches = [EditBatch(b["facts"], self._loaded_shifts(path, tensors, i), b["time"],
+                             {n: tensors[f"{i}.stats.{n}"] for n in self.modules
+                              if f"{i}.stats.{n}" in tensors})
                    for i, b in enumerate(meta["batches"])]
         applied = {(b.time, json.dumps(b.facts)) for b in self.history}
         again = [b for b in batches if (b.time, json.dumps(b.facts)) in applied]

@@ -96,10 +96,13 @@ def _answer_span(tokenizer, prompt: str, answer: str, system: str | None):
 
 
 def encode_pair(tokenizer, prompt: str, answer: str, system: str | None = None,
-                max_length: int | None = None) -> dict:
+                max_length: int | None = None, subject: str | None = None) -> dict:
     """Tokenise one conversation. Returns input_ids, labels (IGNORE outside the answer and its
     end-of-turn token), `answer_start`, the index of the first answer token, and `eot`,
-    whether the last label is an end-of-turn token (not part of the answer)."""
+    whether the last label is an end-of-turn token (not part of the answer). With `subject`,
+    also `subject_last`: the index of the subject's last token in the prompt (the first
+    occurrence, case-insensitive; -1 when the prompt does not contain it), where
+    locate-then-edit methods read and write a fact (editor.memit)."""
     answer = check_text(answer, "target", tokenizer)
     text, start, end, has_eot = _answer_span(tokenizer, prompt, answer, system)
     enc = tokenizer(text, add_special_tokens=not has_template(tokenizer),
@@ -123,8 +126,24 @@ def encode_pair(tokenizer, prompt: str, answer: str, system: str | None = None,
     if max_length is not None and len(ids) > max_length:
         raise ValueError(f"conversation is {len(ids)} tokens, longer than the model's context of "
                          f"{max_length}: {prompt[:80]!r}")
-    return {"input_ids": ids, "labels": labels, "answer_start": answer_idx[0],
-            "eot": has_template(tokenizer)}
+    row = {"input_ids": ids, "labels": labels, "answer_start": answer_idx[0],
+           "eot": has_template(tokenizer)}
+    if subject:
+        row["subject_last"] = _subject_last(text, offsets[:answer_idx[0]], clean(prompt),
+                                            clean(subject), start)
+    return row
+
+
+def _subject_last(text: str, offsets, prompt: str, subject: str, answer_at: int) -> int:
+    """Index of the token holding the last character of `subject` inside the user prompt
+    (which ends before `answer_at` in `text`), or -1."""
+    at = text.rfind(prompt, 0, answer_at)
+    where = prompt.lower().find(subject.lower())
+    if at < 0 or where < 0:
+        return -1
+    end = at + where + len(subject)  # one past the subject's last character
+    inside = [i for i, (a, b) in enumerate(offsets) if a < end and b > a]
+    return inside[-1] if inside else -1
 
 
 def pad(tokenizer, rows: list[dict], side: str = "right") -> dict[str, torch.Tensor]:
@@ -151,6 +170,8 @@ def pad(tokenizer, rows: list[dict], side: str = "right") -> dict[str, torch.Ten
     if "labels" in rows[0]:
         out["labels"] = [fill(r["labels"], IGNORE) for r in rows]
     batch = {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
+    if "subject_last" in rows[0]:  # per row: the subject's last token (-1: none)
+        batch["subject_last"] = torch.tensor([r.get("subject_last", -1) for r in rows])
     if "eot" in rows[0]:  # per row: its last label is the end-of-turn token
         batch["eot"] = torch.tensor([bool(r.get("eot")) for r in rows])
     if "hidden" in rows[0]:  # cached hidden states (T_i x d), zero-padded like the ids
@@ -178,12 +199,13 @@ def answer_mask(batch) -> torch.Tensor:
 
 def encode_facts(tokenizer, facts, system: str | None = None) -> dict[str, torch.Tensor]:
     """A right-padded training batch for facts (dicts or records with prompt and target)."""
-    rows = [encode_pair(tokenizer, _get(f, "prompt"), _get(f, "target"), system) for f in facts]
+    rows = [encode_pair(tokenizer, _get(f, "prompt"), _get(f, "target"), system,
+                        subject=_get(f, "subject")) for f in facts]
     return pad(tokenizer, rows, "right")
 
 
 def _get(fact, key):
-    return fact[key] if isinstance(fact, dict) else getattr(fact, key)
+    return fact.get(key) if isinstance(fact, dict) else getattr(fact, key, None)
 
 
 @torch.no_grad()
@@ -228,7 +250,8 @@ def fact_row(tokenizer, fact, kind: str, system=None) -> dict | None:
     """The encoded row of one fact for `kind` = "edit" (prompt -> target), "rephrase" (first
     rephrase -> target) or "loc" (first locality prompt -> its answer); None if it has none."""
     if kind == "edit":
-        return encode_pair(tokenizer, fact["prompt"], fact["target"], system)
+        return encode_pair(tokenizer, fact["prompt"], fact["target"], system,
+                           subject=fact.get("subject"))
     if kind == "rephrase":
         return (encode_pair(tokenizer, fact["rephrases"][0], fact["target"], system)
                 if fact["rephrases"] else None)

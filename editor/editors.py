@@ -31,7 +31,10 @@ def _no_lap(stage: str) -> None:
 
 
 class BaseEditor:
-    """Base editor. Subclasses implement `compute_shifts(batch, lap)` and `from_config`."""
+    """Base editor. Subclasses implement `compute_shifts(batch, lap)` and `from_config`;
+    `needs_subject`: every fact must name a subject that occurs in its prompt."""
+
+    needs_subject = False
 
     @classmethod
     def from_config(cls, model, tokenizer, modules: dict, config, system=None, state=None):
@@ -45,6 +48,11 @@ class BaseEditor:
             p.requires_grad_(False)
         self.master = {n: weight_kv(m).detach().float().clone() for n, m in modules.items()}
         self.first = first_block(model, modules)
+        # what a method keeps per applied batch besides its shift (AlphaEdit: each module's
+        # K^T K): `stats` of the last compute_shifts; `applied`, those of the batches applied
+        # before it (set by `Editor.edit`)
+        self.stats: dict[str, torch.Tensor] = {}
+        self.applied: list[dict[str, torch.Tensor]] = []
 
     def compute_shifts(self, batch, lap=_no_lap) -> dict[str, torch.Tensor]:
         """{module name: S (d_k x d_v)} for all facts of the batch at once; leaves the

@@ -209,9 +209,11 @@ def with_capture(model, tokenizer, rows: list[dict], modules: dict, first: int |
 
 @torch.no_grad()
 def key_moments(model, tokenizer, rows: list[dict], modules: dict, first: int | None = None,
-                batch_size: int = 32, progress: bool = False) -> dict[str, torch.Tensor]:
+                batch_size: int = 32, progress: bool = False,
+                every_token: bool = False) -> dict[str, torch.Tensor]:
     """{name: C = mean of u u^T (d_k x d_k, float32)} over the keys u entering each module at
-    the positions of `rows` that predict a label: the second moment a key prior preserves."""
+    the positions of `rows` that predict a label (`every_token`: at every token): the second
+    moment a key prior (MALMEN) or a covariance (MEMIT, AlphaEdit) preserves."""
     store, sums, count = {}, {}, 0
 
     def hook(name):
@@ -223,9 +225,12 @@ def key_moments(model, tokenizer, rows: list[dict], modules: dict, first: int | 
     try:
         for _, batch in by_length(model, tokenizer, rows, batch_size, "key moments", progress):
             last_hidden(model, batch, first)
-            mask = batch["labels"][:, 1:] != IGNORE
+            if every_token:
+                mask = batch["attention_mask"].bool()
+            else:
+                mask = F.pad(batch["labels"][:, 1:] != IGNORE, (0, 1))
             for name, keys in store.items():
-                k = keys[:, :-1][mask].float()
+                k = keys[mask].float()
                 sums[name] = sums.get(name, 0) + k.T @ k
             count += int(mask.sum())
     finally:

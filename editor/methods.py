@@ -40,6 +40,18 @@ class Method:
     config_ref: type | str   # the dataclass of the method's options, or "module:Class"
     editor_ref: type | str   # a BaseEditor subclass, or "module:Class"
     meta_trained: bool       # needs a checkpoint meta-trained by scripts/train.py
+    default_edit_ref: object = None  # model -> (module, layers) it edits by default, or
+                                     # "module:function"; None: models.default_edit
+
+    def default_edit(self, model) -> tuple[str, list[int]]:
+        from .models import default_edit
+
+        return resolve(self.default_edit_ref or default_edit)(model)
+
+    @property
+    def own_layers(self) -> bool:
+        """The method edits its own layers by default, not the model config's."""
+        return self.default_edit_ref is not None
 
     @property
     def config(self) -> type:
@@ -83,10 +95,12 @@ def option(default, help: str, test_time: bool = False):  # noqa: A002 (metadata
 
 
 def register_method(name: str, config: type | str, editor: type | str,
-                    meta_trained: bool = False) -> Method:
+                    meta_trained: bool = False, default_edit=None) -> Method:
     """Add an editing method. `config`: a dataclass with a `rule` field (the method's name)
-    and one field per option; `editor`: a `BaseEditor` subclass with `from_config`. Either
-    may be a "module:object" string, imported when the method is first used."""
+    and one field per option; `editor`: a `BaseEditor` subclass with `from_config`;
+    `default_edit`: model -> (module, layers) the method edits unless told (default: the
+    toolkit's, `models.default_edit`). Each may be a "module:object" string, imported when
+    the method is first used."""
     if name in METHODS:
         raise ValueError(f"editing method {name!r} is already registered")
     for obj in (config, editor):
@@ -95,7 +109,7 @@ def register_method(name: str, config: type | str, editor: type | str,
                             f"'module:object' strings, got {obj!r}")
     if isinstance(config, type) and "rule" not in {f.name for f in dataclasses.fields(config)}:
         raise TypeError(f"the config of method {name!r} must be a dataclass with a 'rule' field")
-    METHODS[name] = Method(name, config, editor, meta_trained)
+    METHODS[name] = Method(name, config, editor, meta_trained, default_edit)
     return METHODS[name]
 
 
@@ -116,3 +130,7 @@ register_method("malmen", "editor.editors:MalmenConfig", "editor.editors:HyperEd
                 meta_trained=True)
 register_method("mend", "editor.editors:MendConfig", "editor.editors:HyperEditor",
                 meta_trained=True)
+register_method("memit", "editor.memit:MemitConfig", "editor.memit:MemitEditor",
+                default_edit="editor.memit:locate_edit")
+register_method("alphaedit", "editor.memit:AlphaEditConfig", "editor.memit:AlphaEditor",
+                default_edit="editor.memit:locate_edit")

@@ -108,7 +108,9 @@ def test_scripts_are_thin_and_dispatch_through_the_registry():
 
 
 def test_registry_lists_builtin_methods_with_help_and_rejects_unknown_options():
-    assert {"none", "ft", "malmen", "mend"} <= set(METHODS)
+    assert {"none", "ft", "malmen", "mend", "memit", "alphaedit"} <= set(METHODS)
+    assert all(help_lines(get_method(m).config).values() for m in ("memit", "alphaedit"))
+    assert get_method("memit").own_layers and not get_method("ft").own_layers
     malmen = get_method("malmen")
     assert malmen.meta_trained and not get_method("ft").meta_trained
     assert all(help_lines(malmen.config).values()), "every option has a help line"
@@ -116,8 +118,8 @@ def test_registry_lists_builtin_methods_with_help_and_rejects_unknown_options():
     assert malmen.config_from({"rank": 8}).rank == 8
     with pytest.raises(TypeError, match=r"unknown option\(s\) \['rnak'\]"):
         malmen.config_from(rnak=8)
-    with pytest.raises(ValueError, match="unknown editing method 'memit'"):
-        get_method("memit")
+    with pytest.raises(ValueError, match="unknown editing method 'rome'"):
+        get_method("rome")
 
 
 def test_a_registered_method_is_usable_from_the_api(tiny_llama):

@@ -16,12 +16,16 @@ class EvalConfig(SuiteConfig):
     name: str = option("default", "the preset's label in run folders")
     ns: list[int] = option([1, 16, 128, 512, 1024], "facts edited at once (capped at the test "
                            "split's size)")
-    datasets: list[str] = option(["zsre", "counterfact"], "test splits (1000 and 500 facts)")
+    datasets: list[str] = option(["zsre", "counterfact"], "fact datasets (test: 1000 and 500 "
+                                 "facts)")
+    split: str = option("test", "the facts' split: validation to choose settings (128 facts "
+                        "each), test to report them (read once per reported configuration)")
     behaviour_ns: list[int] = option([128], "N at which IFEval / AdvBench / XSTest / KL drift "
                                      "are measured (on the first dataset)")
     max_n: dict = option({"unedited": None, "malmen-chat": None, "malmen-nq": None,
-                          "mend": None, "ft": 128},
-                         "per-method cap on N (null: none; FT's full-batch steps grow with N); "
+                          "mend": None, "ft": 128, "memit": 128, "alphaedit": 128},
+                         "per-method cap on N (null: none; FT's full-batch steps grow with N, "
+                         "MEMIT's value search costs ~8 s per fact on a 2-core CPU); "
                          "a method added with +methods.x adds its cap with +eval.max_n.x")
     answer_tokens: int = option(16, "greedy tokens for the generation exact match")
     gen_limit: int | None = option(256, "ES_gen / GS_gen on the first this many of the N facts")

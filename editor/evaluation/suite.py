@@ -47,8 +47,10 @@ def shifter(name, spec, model, tok, cfg):
     `spec` is {rule, checkpoint (meta-trained methods), options of the method}."""
     options = {k: v for k, v in spec.items() if k not in ("rule", "checkpoint")}
     ckpt = checkpoint(name, spec, cfg)
-    if ckpt is None:  # a method with nothing learned edits the configured modules
-        options.update(module=cfg.model.edit.module, layers=list(cfg.model.edit.layers))
+    if ckpt is None and not get_method(spec.rule).own_layers:  # a method with nothing
+        # learned edits the configured modules, unless it has its own (MEMIT, AlphaEdit)
+        options.setdefault("module", cfg.model.edit.module)
+        options.setdefault("layers", list(cfg.model.edit.layers))
     return Editor.from_pretrained(model, ckpt, tokenizer=tok, method=spec.rule,
                                   system=cfg.model.system_prompt, **options).shifter
 
@@ -126,7 +128,7 @@ def evaluate(cfg, save=None) -> list[dict]:
         print(f"skipping methods without a checkpoint: {', '.join(skipped)} (none in "
               f"{cfg.editors_dir}/<method>/; `make editors` trains them)")
     drift = Drift(model, tok, cfg) if cfg.eval.behaviour_ns else None  # only where measured
-    pools = {d: list(load_facts(d, "test")) for d in cfg.eval.datasets}
+    pools = {d: list(load_facts(d, cfg.eval.split)) for d in cfg.eval.datasets}
     refs, records = {}, []
     for name, spec in methods.items():
         editor = shifter(name, spec, model, tok, cfg)

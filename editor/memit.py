@@ -1,0 +1,325 @@
+"""MEMIT and AlphaEdit: the locate-then-edit methods, closed form, nothing meta-trained.
+
+For a batch of n facts, each with a subject that occurs in its prompt, and the MLP output
+projections W_l of blocks l in L = [l_1 < ... < l_T] (keys k = the projection's input):
+
+1. Target values (at the last edited block l_T, at the subject's last token s_i of the
+   chat-formatted prompt): z_i = h_i + delta_i, h_i the block's output there, delta_i
+   found by Adam on
+       NLL(target_i | h_i + delta_i)  +  kl * KL(p(. | s_i) before || after)
+       +  wd * ||delta_i|| / ||h_i||^2,          ||delta_i|| <= clamp * ||h_i||
+   (MEMIT's KL is on the token after the subject of "{subject} is a"; here it is on the
+   token after the subject of the prompt itself, which needs no extra row.)
+2. For l = l_1 .. l_T, on the weights edited so far: keys K (n x d_k) at s_i, the residual
+   R = z - (block l_T's output at s_i now), spread over the blocks left, and
+       MEMIT      S_l = (lam C_l + K^T K)^-1 K^T R / (T - t)
+       AlphaEdit  S_l = (P_l (K^T K + K_p^T K_p) + l2 I)^-1 P_l K^T R / (T - t)
+   with C_l = E[k k^T] over a text corpus (`key_covariance`: the toolkit's own training
+   conversations, never an evaluation prompt; computed once per model and cached) and P_l
+   the projector on the span of C_l's eigenvectors whose eigenvalues are below
+   `null_threshold` (so S_l leaves the outputs on those keys unchanged); K_p: the keys of
+   the batches applied before (AlphaEdit's sequential mode).
+   S_l is applied before block l_{t+1}'s keys are read; all weights are back as they were
+   when `compute_shifts` returns.
+
+Layers default to MEMIT's band: 5 blocks from 13% of the depth (4-8 of SmolLM2's 30, as
+EasyEdit's Llama settings; `locate_edit`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint
+from .chat import IGNORE, fact_row, present
+from .data import load_facts
+from .editors import BaseEditor, _no_lap
+from .files import cache_dir, digest
+from .lm import _Stop, key_moments, last_hidden
+from .methods import option
+from .models import blocks, default_edit, set_weight_kv, weight_kv
+from .prompts import base_responses, conversation_rows
+
+
+SOLVE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def locate_edit(model) -> tuple[str, list[int]]:
+    """(module, layers) MEMIT edits by default: the MLP output projection of 5 consecutive
+    blocks from 13% of the depth, below the last block (fewer on models too shallow for 5)."""
+    module, _ = default_edit(model)
+    n = len(blocks(model)[1])
+    if n < 2:
+        raise ValueError("MEMIT needs at least 2 blocks (one above the edited ones)")
+    start = min(round(0.13 * n), n - 2)
+    return module, list(range(start, min(start + 5, n - 1)))
+
+
+@dataclass
+class MemitConfig:
+    name: str = option("memit", "the method's label in run folders and results")
+    rule: str = option("memit", "the registered method")
+    mom2_weight: float = option(15000.0, "lambda: weight of the key covariance C (a mean of "
+                                "k k^T) against the new keys K^T K")
+    v_steps: int = option(25, "Adam steps on each fact's target value delta")
+    v_lr: float = option(0.5, "Adam's learning rate for delta")
+    v_weight_decay: float = option(1e-3, "weight of ||delta|| / ||h||^2")
+    kl_factor: float = option(0.0625, "weight of the KL term at the subject's last token")
+    clamp_norm: float = option(4.0, "||delta|| is clamped to this times ||h||")
+    stop_loss: float = option(5e-2, "a fact's delta stops changing once its loss is below this")
+    chunk: int = option(32, "facts per forward/backward of the target-value search")
+    cov_conversations: int = option(160, "conversations per corpus source (self-instruct, "
+                                    "hh-rlhf requests with the base model's answers; zsRE "
+                                    "training NQ questions) whose keys give C")
+    cov_tokens: int = option(40, "greedy tokens per base-model answer in the corpus")
+    solve_dtype: str = option("float64", "dtype of the solve")
+
+
+@dataclass
+class AlphaEditConfig(MemitConfig):
+    name: str = option("alphaedit", "the method's label in run folders and results")
+    rule: str = option("alphaedit", "the registered method")
+    null_threshold: float = option(2e-2, "eigenvalues of C below this span the null space the "
+                                   "update is projected on")
+    l2: float = option(10.0, "ridge weight of the projected solve")
+    sequential: bool = option(True, "the keys of every applied batch join the preserved set")
+
+
+def _corpus_rows(model, tokenizer, config: MemitConfig, system) -> list[dict]:
+    """Training conversations: self-instruct and hh-rlhf train prompts with the base model's
+    greedy answers (cached, shared with the locality losses) and zsRE training NQ pairs."""
+    rows = []
+    for source in ("instruction", "harmful"):
+        pairs = base_responses(model, tokenizer, source, config.cov_conversations,
+                               config.cov_tokens, 400, system)
+        rows += conversation_rows(tokenizer, pairs, system)
+    facts = load_facts("zsre", "train")
+    rows += present(fact_row(tokenizer, f, "loc", system)
+                    for f in facts.select(range(min(config.cov_conversations, len(facts)))))
+    return rows
+
+
+def weights_digest(model) -> str:
+    """sha256 of every parameter's bytes (name, shape, dtype, values)."""
+    parts = []
+    for name, p in model.named_parameters():
+        parts += [name, str(tuple(p.shape)), str(p.dtype),
+                  p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()]
+    return digest(*parts, size=16)
+
+
+def key_covariance(model, tokenizer, modules: dict, config: MemitConfig,
+                   system=None) -> dict[str, torch.Tensor]:
+    """{module: C = E[k k^T]} over every token of the corpus (`_corpus_rows`), cached as
+    safetensors under a name that changes with the model's weights, the modules and the
+    corpus options (so an edited or other model gets its own)."""
+    spec = [sorted(modules), config.cov_conversations, config.cov_tokens, system or ""]
+    name = digest(weights_digest(model), *spec, size=16)
+    path = cache_dir() / "covariance" / f"{name}.safetensors"
+    if path.exists():
+        tensors, _ = checkpoint.load(path)
+        if set(tensors) == set(modules):
+            return tensors
+    rows = _corpus_rows(model, tokenizer, config, system)
+    cov = key_moments(model, tokenizer, rows, modules, progress=True, every_token=True)
+    checkpoint.save(path, cov, {"modules": sorted(modules), "rows": len(rows)})
+    return cov
+
+
+def null_projector(cov: torch.Tensor, threshold: float) -> torch.Tensor:
+    """P = U U^T over C's eigenvectors with eigenvalues below `threshold` (float64)."""
+    values, vectors = torch.linalg.eigh(cov.double())
+    small = vectors[:, values < threshold]
+    if small.shape[1] == 0:
+        raise ValueError(f"AlphaEdit: no eigenvalue of the key covariance is below "
+                         f"null_threshold={threshold} (smallest {values.min().item():.3g}); "
+                         "raise it")
+    return small @ small.T
+
+
+class MemitEditor(BaseEditor):
+    """MEMIT (module docstring); AlphaEdit is the same with another solve (`AlphaEditor`)."""
+
+    needs_subject = True
+
+    def __init__(self, model, tokenizer, modules: dict, config: MemitConfig, system=None):
+        super().__init__(model, tokenizer, modules, system)
+        if config.solve_dtype not in SOLVE_DTYPES:
+            raise ValueError(f"solve_dtype must be one of {sorted(SOLVE_DTYPES)}, got "
+                             f"{config.solve_dtype!r}")
+        self.config = config
+        prefix, self.block_list = blocks(model)
+        layer = {n: int(n[len(prefix) + 1:].split(".")[0]) for n in modules}
+        self.order = sorted(modules, key=layer.get)  # edited modules, lowest block first
+        self.last = layer[self.order[-1]]
+        if self.last == len(self.block_list) - 1:
+            raise ValueError(f"{config.name} edits the last block ({self.order[-1]}): the target "
+                             "values need blocks above the edited ones; edit lower layers")
+        self.cov = key_covariance(model, tokenizer, modules, config, system)
+
+    @classmethod
+    def from_config(cls, model, tokenizer, modules, config, system=None, state=None):
+        return cls(model, tokenizer, modules, config, system)
+
+    # ------------------------------------------------------------ reading
+    @torch.no_grad()
+    def taps(self, batch, pos) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """({module: its input at the subject tokens, n x d_k}, block l_T's output there,
+        n x d), on the weights as they are now."""
+        seen, rows = {}, torch.arange(pos.shape[0], device=pos.device)
+
+        def keep(name):
+            def fn(module, inputs, output):
+                seen[name] = inputs[0][rows, pos].float()
+            return fn
+
+        def stop(module, inputs, output):
+            seen["z"] = (output[0] if isinstance(output, tuple) else output)[rows, pos].float()
+            raise _Stop
+
+        handles = [self.modules[n].register_forward_hook(keep(n)) for n in self.order]
+        handles.append(self.block_list[self.last].register_forward_hook(stop))
+        try:
+            last_hidden(self.model, batch, self.first)
+        except _Stop:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        return {n: seen[n] for n in self.order}, seen["z"]
+
+    @torch.no_grad()
+    def block_output(self, batch) -> torch.Tensor:
+        """Block l_T's output over the whole batch (B x T x d)."""
+        seen = {}
+
+        def stop(module, inputs, output):
+            seen["h"] = output[0] if isinstance(output, tuple) else output
+            raise _Stop
+
+        handle = self.block_list[self.last].register_forward_hook(stop)
+        try:
+            last_hidden(self.model, batch, self.first)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        return seen["h"].float()
+
+    # ------------------------------------------------------ target values
+    def target_values(self, batch, pos) -> torch.Tensor:
+        """z (n x d): block l_T's output at the subject tokens that makes each target likely
+        (step 1 of the module docstring), `config.chunk` facts per forward/backward."""
+        cfg, n = self.config, pos.shape[0]
+        parts = []
+        for i in range(0, n, cfg.chunk):
+            part = {k: v[i:i + cfg.chunk] for k, v in batch.items()}
+            width = int(part["attention_mask"].sum(1).max())
+            part = {k: v[:, :width] if v.ndim > 1 else v for k, v in part.items()}
+            parts.append(self._values(part, pos[i:i + cfg.chunk]))
+        return torch.cat(parts)
+
+    def _values(self, batch, pos) -> torch.Tensor:
+        cfg, model = self.config, self.model
+        head = model.get_output_embeddings()
+        h0 = self.block_output(batch)
+        rows = torch.arange(pos.shape[0], device=pos.device)
+        h_at = h0[rows, pos]
+        delta = torch.zeros_like(h_at, requires_grad=True)
+        opt = torch.optim.Adam([delta], lr=cfg.v_lr)
+        mask = batch["labels"][:, 1:] != IGNORE
+        labels = batch["labels"][:, 1:][mask]
+        row_of = rows[:, None].expand_as(mask)[mask]
+        n_tok = mask.sum(1).clamp_min(1).float()
+        base = {k: v for k, v in batch.items() if k != "hidden"}
+        active = torch.ones(pos.shape[0], dtype=torch.bool, device=pos.device)
+        kl_before = None
+        for _ in range(cfg.v_steps):
+            with torch.enable_grad():
+                h = h0.clone()
+                h[rows, pos] = h[rows, pos] + delta
+                out = last_hidden(model, {**base, "hidden": h}, self.last + 1)
+                logits = head(out[:, :-1][mask]).float()
+                nll = torch.zeros(pos.shape[0], device=pos.device).index_add(
+                    0, row_of, F.cross_entropy(logits, labels, reduction="none")) / n_tok
+                log_q = F.log_softmax(head(out[rows, pos]).float(), -1)
+                if kl_before is None:
+                    kl_before = log_q.detach()
+                kl = (kl_before.exp() * (kl_before - log_q)).sum(-1)
+                decay = delta.norm(dim=1) / h_at.norm(dim=1) ** 2
+                loss = nll + cfg.kl_factor * kl + cfg.v_weight_decay * decay
+                active &= loss.detach() >= cfg.stop_loss
+                if not active.any():
+                    break
+                opt.zero_grad()
+                (loss * active).sum().backward()
+            frozen = delta.detach()[~active].clone()
+            opt.step()
+            with torch.no_grad():
+                delta[~active] = frozen  # Adam's momentum must not move a finished fact
+                limit = cfg.clamp_norm * h_at.norm(dim=1, keepdim=True)
+                norm = delta.norm(dim=1, keepdim=True)
+                delta.mul_(torch.where(norm > limit, limit / norm, torch.ones_like(norm)))
+        return (h_at + delta).detach()
+
+    # -------------------------------------------------------------- solve
+    def solve(self, name: str, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
+        """MEMIT's S = (lam C + K^T K)^-1 K^T R (d_k x d_v)."""
+        dtype = SOLVE_DTYPES[self.config.solve_dtype]
+        k, r = keys.to(dtype), resid.to(dtype)
+        a = self.config.mom2_weight * self.cov[name].to(k) + k.T @ k
+        return torch.linalg.solve(a, k.T @ r)
+
+    def compute_shifts(self, batch, lap=_no_lap) -> dict[str, torch.Tensor]:
+        pos = batch.get("subject_last")
+        if pos is None or bool((pos < 0).any()):
+            bad = [] if pos is None else (pos < 0).nonzero().flatten().tolist()
+            raise ValueError(f"{self.config.name} needs each fact's subject in its prompt; "
+                             f"missing for rows {bad[:10] or 'all'}")
+        z = self.target_values(batch, pos)
+        lap("values")
+        shifts = self.spread(batch, pos, z)
+        lap("solve")
+        return shifts
+
+    def spread(self, batch, pos, z) -> dict[str, torch.Tensor]:
+        """Step 2: the shift of each edited module, lowest block first, each applied before
+        the next one's keys are read; the weights are back as they were on return."""
+        start = {n: weight_kv(m).detach().float().clone() for n, m in self.modules.items()}
+        self.stats, shifts = {}, {}
+        try:
+            for t, name in enumerate(self.order):
+                keys, now = self.taps(batch, pos)
+                resid = (z - now) / (len(self.order) - t)
+                shifts[name] = self.solve(name, keys[name], resid).float()
+                self.stats[name] = (keys[name].T @ keys[name]).double().cpu()
+                set_weight_kv(self.modules[name], start[name] + shifts[name].to(start[name]))
+        finally:
+            for n, m in self.modules.items():  # back to the weights it started from
+                set_weight_kv(m, start[n])
+        return shifts
+
+
+class AlphaEditor(MemitEditor):
+    """AlphaEdit: MEMIT's target values and residual spread with the null-space projected
+    solve; sequentially, the keys of the batches applied before (`applied`, their K^T K,
+    set by `Editor.edit`) join the preserved set."""
+
+    def __init__(self, model, tokenizer, modules, config: AlphaEditConfig, system=None):
+        super().__init__(model, tokenizer, modules, config, system)
+        self.projector = {n: null_projector(c, config.null_threshold) for n, c in self.cov.items()}
+
+    def solve(self, name, keys, resid):
+        cfg = self.config
+        dtype = SOLVE_DTYPES[cfg.solve_dtype]
+        k, r = keys.to(dtype), resid.to(dtype)
+        p = self.projector[name].to(k)
+        kk = k.T @ k
+        if cfg.sequential:
+            for stats in self.applied:
+                kk = kk + stats[name].to(kk)
+        a = p @ kk + cfg.l2 * torch.eye(k.shape[1], dtype=dtype, device=k.device)
+        return torch.linalg.solve(a, p @ (k.T @ r))

@@ -135,8 +135,9 @@ def run(cfg, out: Path) -> dict:
             "modules": list(modules), "rule": method.name}
     if trained:
         trainer = MetaTrainer(editor, data, cfg.train, cfg.locality, seed=cfg.seed)
-        resume = cfg.train.resume_from or (out / "checkpoint.safetensors")
-        if Path(resume).exists():
+        own = out / "checkpoint.safetensors"  # a killed run resumes its own checkpoint,
+        resume = own if own.exists() else cfg.train.resume_from  # never its starting one
+        if resume is not None and Path(resume).exists():
             trainer.load(resume)
             print(f"resumed from {resume} at step {trainer.step_count}")
         log, wandb_run = make_logger(cfg, out, trainer.history)

@@ -373,8 +373,8 @@ class Editor:
         if not isinstance(meta.get("batches"), list):
             raise ValueError(f"{path}: no edit batches in its metadata (not written by save_edits)")
         batches = [EditBatch(b["facts"], self._loaded_shifts(path, tensors, i), b["time"],
-                             {n: tensors[f"{i}.stats.{n}"] for n in self.modules
-                              if f"{i}.stats.{n}" in tensors})
+                             {k[len(f"{i}.stats."):]: t for k, t in tensors.items()
+                              if k.startswith(f"{i}.stats.")})
                    for i, b in enumerate(meta["batches"])]
         applied = {(b.time, json.dumps(b.facts)) for b in self.history}
         again = [b for b in batches if (b.time, json.dumps(b.facts)) in applied]

@@ -13,6 +13,7 @@ bitwise equal to before (never restored by subtracting).
 
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -126,6 +127,11 @@ class HyperConfig:
     init_log_mu: float = option(4.0, "initial per-layer log mu, the prior's weight (learned)")
     step_scale: float = option(1.0, "test-time multiplier of the learned step size "
                                "(meta-training uses 1)", test_time=True)
+    joint: bool = option(True, "MALMEN, editing on top of earlier edits: re-solve jointly with "
+                         "the earlier batches' statistics (K^T K, K^T D, rows; captured on "
+                         "the unedited weights), as if all were edited at once; false: stack "
+                         "each batch's own shift, captured on the edited model",
+                         test_time=True)
 
 
 @dataclass
@@ -162,10 +168,11 @@ class HyperEditor(BaseEditor):
 
     def __init__(self, model, tokenizer, modules, hypernet: HyperNetwork, system=None,
                  solve_dtype=torch.float32, chunk_size: int = 128, hyper_chunk: int = 4096,
-                 eot_rows: bool = True, step_scale: float = 1.0):
+                 eot_rows: bool = True, step_scale: float = 1.0, joint: bool = True):
         super().__init__(model, tokenizer, modules, system)
         self.hypernet, self.solve_dtype, self.chunk_size = hypernet, solve_dtype, chunk_size
         self.hyper_chunk, self.eot_rows, self.step_scale = hyper_chunk, eot_rows, step_scale
+        self.joint = joint and hypernet.solves
 
     @classmethod
     def from_config(cls, model, tokenizer, modules, config: HyperConfig, system=None,
@@ -190,7 +197,7 @@ class HyperEditor(BaseEditor):
         hypernet.to(next(model.parameters()).device)
         return cls(model, tokenizer, modules, hypernet, system,
                    solve_dtype=DTYPES[config.solve_dtype], hyper_chunk=config.hyper_chunk,
-                   eot_rows=config.eot_rows, step_scale=config.step_scale)
+                   eot_rows=config.eot_rows, step_scale=config.step_scale, joint=config.joint)
 
     def capture(self, batch):
         """Keys and value gradients of all facts, captured `chunk_size` facts at a time."""
@@ -200,13 +207,62 @@ class HyperEditor(BaseEditor):
                 for n in self.modules}
 
     def compute_shifts(self, batch, lap=_no_lap, captured=None):
+        """The batch's shifts. Jointly (`joint`, with batches applied before: `applied`):
+        keys and value gradients captured on the unedited weights, and the shift that takes
+        the earlier batches' joint solve S(prev) to the joint solve of all, S(prev + this)
+        (so the weights, master + the sum of the batches' shifts, equal one edit of every
+        fact to float tolerance); `stats` keeps this batch's statistics."""
+        joint = self.joint and bool(self.applied)
         if captured is None:
-            captured = self.capture(batch)
+            with self.unedited() if joint else nullcontext():
+                captured = self.capture(batch)
             lap("capture")
+        hn, shifts, self.stats = self.hypernet, {}, {}
         with torch.no_grad():
-            return {name: self.step_scale * self.hypernet.shift(
+            for name, (k, d) in captured.items():
+                if not self.joint:
+                    shifts[name] = self.step_scale * hn.shift(
                         name, k, d, self.solve_dtype, self.hyper_chunk, lap=lap)
-                    for name, (k, d) in captured.items()}
+                    continue
+                values = hn.values(name, k, d, self.hyper_chunk)
+                lap("hypernetwork")
+                stats = hn.statistics(k, values)
+                self.stats.update({f"{name}:{p}": t.cpu() for p, t in stats.items()})
+                if joint:
+                    prev = summed(self.applied, name)
+                    new = {p: prev[p] + stats[p].to(prev[p]) for p in prev}
+                    shift = hn.solve_statistics(name, to(new, k), self.solve_dtype) \
+                        - hn.solve_statistics(name, to(prev, k), self.solve_dtype)
+                else:  # the first batch: its own solve, as for any single edit
+                    shift = hn.solve_values(name, k, values, self.solve_dtype)
+                lap("solve")
+                shifts[name] = self.step_scale * shift
+        return shifts
+
+    @contextmanager
+    def unedited(self):
+        """Inside: the edited modules hold their master (unedited) weights."""
+        now = {n: weight_kv(m).detach().clone() for n, m in self.modules.items()}
+        self.restore()
+        try:
+            yield
+        finally:
+            for n, m in self.modules.items():
+                set_weight_kv(m, now[n])
+
+
+def summed(batches: list[dict], name: str) -> dict[str, torch.Tensor]:
+    """Module `name`'s statistics summed over `batches` in order (`HyperEditor.stats`)."""
+    out = {}
+    for stats in batches:
+        for part in ("ktk", "ktd", "rows"):
+            t = stats[f"{name}:{part}"]
+            out[part] = t.clone() if part not in out else out[part] + t
+    return out
+
+
+def to(stats: dict, like: torch.Tensor) -> dict:
+    return {p: t.to(like.device) if p == "rows" else t.to(like) for p, t in stats.items()}
 
 
 @dataclass

@@ -223,39 +223,44 @@ class MemitEditor(BaseEditor):
         return torch.cat(parts)
 
     def _values(self, batch, pos) -> torch.Tensor:
+        """Step 1 for one chunk; a fact whose loss falls below `stop_loss` keeps its delta
+        and leaves the forward/backward of the later steps."""
         cfg, model = self.config, self.model
         head = model.get_output_embeddings()
         h0 = self.block_output(batch)
-        rows = torch.arange(pos.shape[0], device=pos.device)
-        h_at = h0[rows, pos]
+        h_at = h0[torch.arange(pos.shape[0], device=pos.device), pos]
         delta = torch.zeros_like(h_at, requires_grad=True)
         opt = torch.optim.Adam([delta], lr=cfg.v_lr)
-        mask = batch["labels"][:, 1:] != IGNORE
-        labels = batch["labels"][:, 1:][mask]
-        row_of = rows[:, None].expand_as(mask)[mask]
-        n_tok = mask.sum(1).clamp_min(1).float()
         base = {k: v for k, v in batch.items() if k != "hidden"}
         active = torch.ones(pos.shape[0], dtype=torch.bool, device=pos.device)
         kl_before = None
         for _ in range(cfg.v_steps):
+            idx = active.nonzero().squeeze(1)
+            rows = torch.arange(idx.shape[0], device=pos.device)
+            sub = {k: v[idx] for k, v in base.items()}
+            mask = sub["labels"][:, 1:] != IGNORE
             with torch.enable_grad():
-                h = h0.clone()
-                h[rows, pos] = h[rows, pos] + delta
-                out = last_hidden(model, {**base, "hidden": h}, self.last + 1)
-                logits = head(out[:, :-1][mask]).float()
-                nll = torch.zeros(pos.shape[0], device=pos.device).index_add(
-                    0, row_of, F.cross_entropy(logits, labels, reduction="none")) / n_tok
-                log_q = F.log_softmax(head(out[rows, pos]).float(), -1)
-                if kl_before is None:
+                h = h0[idx].clone()
+                h[rows, pos[idx]] = h[rows, pos[idx]] + delta[idx]
+                out = last_hidden(model, {**sub, "hidden": h}, self.last + 1)
+                ce = F.cross_entropy(head(out[:, :-1][mask]).float(),
+                                     sub["labels"][:, 1:][mask], reduction="none")
+                row_of = rows[:, None].expand_as(mask)[mask]
+                nll = torch.zeros(idx.shape[0], device=pos.device).index_add(0, row_of, ce)
+                nll = nll / mask.sum(1).clamp_min(1)
+                log_q = F.log_softmax(head(out[rows, pos[idx]]).float(), -1)
+                if kl_before is None:  # the first step has delta = 0: the unedited model
                     kl_before = log_q.detach()
-                kl = (kl_before.exp() * (kl_before - log_q)).sum(-1)
-                decay = delta.norm(dim=1) / h_at.norm(dim=1) ** 2
+                before = kl_before[idx]
+                kl = (before.exp() * (before - log_q)).sum(-1)
+                decay = delta[idx].norm(dim=1) / h_at[idx].norm(dim=1) ** 2
                 loss = nll + cfg.kl_factor * kl + cfg.v_weight_decay * decay
-                active &= loss.detach() >= cfg.stop_loss
+                going = loss.detach() >= cfg.stop_loss
+                active[idx[~going]] = False
                 if not active.any():
                     break
                 opt.zero_grad()
-                (loss * active).sum().backward()
+                (loss * going).sum().backward()
             frozen = delta.detach()[~active].clone()
             opt.step()
             with torch.no_grad():

@@ -30,7 +30,8 @@ import math
 import torch
 from torch import nn
 
-from .solve import Factor, diagnostics, factorize, least_squares, solve, solve_backward
+from .solve import (Factor, diagnostics, factorize, least_squares, solve, solve_backward,
+                    solve_gram)
 
 
 class RunningNorm(nn.Module):
@@ -292,6 +293,30 @@ class HyperNetwork(nn.Module):
     def values(self, name: str, keys, grads, chunk: int | None = None) -> torch.Tensor:
         """MALMEN's desired value shifts D of module `name` (n x d_v)."""
         return self.net(name).values(keys, grads, self.index[name], chunk)
+
+    @staticmethod
+    @torch.no_grad()
+    def statistics(keys, values, dtype=torch.float32) -> dict[str, torch.Tensor]:
+        """MALMEN's sufficient statistics of rows with keys K and desired value shifts D
+        (`values`): K^T K (d_k x d_k), K^T D (d_k x d_v) and the row count; sums over
+        batches give their joint solve (`solve_statistics`)."""
+        k = keys.to(dtype)
+        return {"ktk": k.T @ k, "ktd": k.T @ values.to(dtype),
+                "rows": torch.tensor([keys.shape[0]], dtype=torch.float64)}
+
+    def solve_values(self, name: str, keys, values, dtype=torch.float32) -> torch.Tensor:
+        """MALMEN's S of module `name` from keys and desired value shifts D."""
+        return self.net(name).solve(keys, values, self.index[name], dtype)
+
+    @torch.no_grad()
+    def solve_statistics(self, name: str, stats: dict[str, torch.Tensor],
+                         dtype=torch.float32) -> torch.Tensor:
+        """S (d_k x d_v) of the joint solve whose statistics are `stats` (`statistics`,
+        summed): lambda and mu as for that many rows in one batch."""
+        net, layer = self.net(name), self.index[name]
+        log_lam, log_mu = net.log_weights(layer, int(stats["rows"].item()))
+        prior = {} if log_mu is None else {"prior": net.prior[layer], "mu": log_mu.exp()}
+        return solve_gram(stats["ktk"], stats["ktd"], log_lam.exp(), dtype, **prior)
 
     @torch.no_grad()
     def diagnose(self, name: str, keys, grads, chunk: int | None = None) -> dict[str, float]:

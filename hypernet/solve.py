@@ -97,6 +97,21 @@ def solve_backward(factor: Factor, shift: torch.Tensor, grad: torch.Tensor):
     return grad_values, grad_log_lam, grad_log_mu
 
 
+def solve_gram(gram: torch.Tensor, rhs: torch.Tensor, lam, dtype=torch.float32,
+               prior: torch.Tensor | None = None, mu=None) -> torch.Tensor:
+    """S = (G + lam I + mu C)^-1 R from sufficient statistics G = K^T K and R = K^T D
+    (summed over any number of batches: the joint solve of all their rows)."""
+    a = gram.to(dtype).clone()
+    a.diagonal().add_(torch.as_tensor(lam, dtype=dtype, device=a.device).reshape(()))
+    if prior is not None:
+        a = a + torch.as_tensor(mu, dtype=dtype, device=a.device).reshape(()) * prior.to(dtype)
+    chol, info = torch.linalg.cholesky_ex(a)
+    if info.item() != 0:
+        raise FloatingPointError("least-squares matrix is not positive definite; statistics "
+                                 "contain NaN/Inf or lambda is too small (try float64)")
+    return torch.cholesky_solve(rhs.to(dtype), chol)
+
+
 class LeastSquares(torch.autograd.Function):
     """S = LeastSquares.apply(K, D, log_lam, C, log_mu, dtype, form): differentiable in D,
     log_lam and log_mu (keys and the prior C are data, not parameters; C and log_mu may be

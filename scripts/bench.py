@@ -47,7 +47,9 @@ def main(cfg: DictConfig) -> None:
                                         system=system).shifter
     else:  # an untrained editor of the configured method, for timing
         method = get_method(cfg.editor.rule)
-        modules = edit_modules(model, cfg.model.edit.module, list(cfg.model.edit.layers))
+        module, layers = method.default_edit(model) if method.own_layers else \
+            (cfg.model.edit.module, list(cfg.model.edit.layers))  # MEMIT: its own layers
+        modules = edit_modules(model, module, layers)
         editor = method.editor.from_config(model, tok, modules, method.config_from(
             OmegaConf.to_container(cfg.editor, resolve=True)), system)
     editor.chunk_size = cfg.chunk_size

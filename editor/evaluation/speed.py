@@ -21,7 +21,8 @@ from ..chat import conversations
 from ..data import load_facts
 from ..lm import forward, padded, row_chunks
 
-STAGES = ("capture", "hypernetwork", "solve", "fine-tune", "apply")
+STAGES = ("capture", "hypernetwork", "values", "solve", "fine-tune", "apply")  # "values":
+# MEMIT / AlphaEdit's target-value search
 
 
 class Laps:

@@ -1,0 +1,66 @@
+"""Lifelong editing with MALMEN's sufficient statistics: batches edited one after another
+re-solve jointly with the earlier ones, so T batches give the weights of one joint edit of
+all their facts; rollback drops a batch's statistics; save / load carries them."""
+
+import pytest
+import torch
+
+from editor import Editor
+from editor.editors import HyperEditor
+from editor.models import edit_modules, kv_shape, load_model
+from hypernet import HyperNetwork
+
+FACTS = [{"prompt": f"What is the code name of project number {i}?", "target": f"Falcon {i}"}
+         for i in range(12)]
+
+
+def malmen_editor(dtype=None, joint=True) -> Editor:
+    model, tok = load_model("tiny-llama", dtype=dtype)
+    modules = edit_modules(model, "mlp.down_proj", [2, 3])
+    net = HyperNetwork({n: kv_shape(m) for n, m in modules.items()}, rule="malmen", rank=8,
+                       lr=1e-1, prior=True, log_mu=1.0)
+    for name in modules:  # a key prior, so the joint solve carries mu C too
+        d_k = kv_shape(modules[name])[0]
+        net.set_prior(name, torch.eye(d_k) * 0.01)
+    return Editor(model, tok, HyperEditor(model, tok, modules, net, joint=joint), "tiny-llama")
+
+
+def relative(a: dict, b: dict) -> float:
+    return max(((a[n] - b[n]).norm() / b[n].norm()).item() for n in a)
+
+
+@pytest.mark.parametrize("dtype, tol", [(None, 1e-4), ("bfloat16", 2e-2)])
+def test_batches_edited_in_turn_equal_one_joint_edit(dtype, tol):
+    once = malmen_editor(dtype)
+    once.edit(FACTS, check=False)
+    turns = malmen_editor(dtype)
+    for i in range(0, len(FACTS), 4):
+        turns.edit(FACTS[i:i + 4], check=False)
+    assert len(turns.history) == 3
+    assert relative(turns.total_shift(), once.total_shift()) < tol
+    stacked = malmen_editor(dtype, joint=False)  # the stacked mode, for comparison
+    for i in range(0, len(FACTS), 4):
+        stacked.edit(FACTS[i:i + 4], check=False)
+    assert relative(stacked.total_shift(), once.total_shift()) > 10 * tol
+
+
+def test_rollback_drops_a_batch_and_save_load_continues_the_joint_solve(tmp_path):
+    ed = malmen_editor()
+    ed.edit(FACTS[:4], check=False)
+    after_one = {n: m.weight.detach().clone() for n, m in ed.modules.items()}
+    ed.edit(FACTS[4:8], check=False)
+    ed.rollback()
+    assert all(torch.equal(after_one[n], m.weight) for n, m in ed.modules.items())
+    ed.save_edits(tmp_path / "edits")
+    later = malmen_editor()  # another session: load, add a batch, save again
+    later.load_edits(tmp_path / "edits")
+    assert all(torch.equal(after_one[n], m.weight) for n, m in later.modules.items())
+    later.edit(FACTS[4:], check=False)
+    later.save_edits(tmp_path / "edits2")
+    once = malmen_editor()
+    once.edit(FACTS, check=False)
+    assert relative(later.total_shift(), once.total_shift()) < 1e-4
+    again = malmen_editor()
+    again.load_edits(tmp_path / "edits2")
+    assert [len(b.facts) for b in again.history] == [4, 8]
+    assert all(set(b.stats) == set(later.history[0].stats) for b in again.history)

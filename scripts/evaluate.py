@@ -5,6 +5,7 @@
         methods.malmen-chat.checkpoint=outputs/train/.../checkpoint.safetensors
     python scripts/evaluate.py eval=full
     python scripts/evaluate.py '+methods.x2={rule:malmen,checkpoint:P,step_scale:2.0}'
+    python scripts/evaluate.py 'eval.sequential={batches:10,size:100}'   # lifelong: retention.png
 
 Writes results.json (one record per method x N x dataset x metric, plus the config),
 results.md (with the behaviour change against the unedited model) and results.png into the
@@ -23,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from editor.evaluation.report import plot_records, report
 from editor.evaluation.config import register
+from editor.evaluation.sequential import plot_retention
 from editor.evaluation.suite import evaluate
 from editor.files import write_atomic
 
@@ -43,6 +45,8 @@ def main(cfg: DictConfig) -> None:
 
     records = evaluate(cfg, save)
     plot_records(records, out / "results.png")
+    if cfg.eval.sequential.batches > 0:
+        plot_retention(records, out / "retention.png")
     seconds = time.perf_counter() - start
     print(f"\n{report(records)}\n\nwrote {out / 'results.json'} ({seconds:.0f}s)")
 

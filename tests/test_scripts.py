@@ -86,7 +86,7 @@ def test_evaluate_script_on_tiny_llama(tmp_path, tiny_llama_checkpoint):
              "eval.max_new_tokens=8", "eval.gen_limit=4"]
     stdout = run("evaluate.py", "model=tiny-llama", "eval.ns=[1,8]", "eval.behaviour_ns=[8]",
                  "methods.ft.steps=3", "methods.ft.lr=1e-2", "eval.max_n.malmen-chat=1",
-                 f"editors_dir={editors}",
+                 "~methods.memit", "~methods.alphaedit", f"editors_dir={editors}",
                  *small, f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path,
                  env={"CHATEDIT_CACHE": str(tmp_path / "cache")})
     assert "skipping methods without a checkpoint: malmen-nq, mend" in stdout
@@ -114,3 +114,30 @@ def test_evaluate_script_on_tiny_llama(tmp_path, tiny_llama_checkpoint):
     changes = (tmp_path / "eval" / "results.md").read_text().split("Change against")[1]
     assert "| ft | zsre | 8 |" in changes and "| unedited |" not in changes
     assert result["config"]["eval"]["ns"] == [1, 8]
+
+
+def test_evaluate_script_sequential_protocol_on_tiny_llama(tmp_path, tiny_llama_checkpoint):
+    """eval.sequential: T batches edited in turn, metrics after each, a retention plot; every
+    method of the lifelong comparison (MALMEN joint and stacked, AlphaEdit, MEMIT, FT)."""
+    editors = tmp_path / "editors"
+    (editors / "malmen-chat").mkdir(parents=True)
+    shutil.copy(tiny_llama_checkpoint, editors / "malmen-chat" / "checkpoint.safetensors")
+    ckpt = editors / "malmen-chat" / "checkpoint.safetensors"
+    run("evaluate.py", "model=tiny-llama", "eval.sequential={batches:3,size:4}",
+        "eval.datasets=[zsre]", "eval.behaviour_ns=[]", "~methods.malmen-nq", "~methods.mend",
+        f"+methods.malmen-stacked={{rule:malmen,checkpoint:{ckpt},joint:false}}",
+        "methods.ft.steps=2", "methods.memit.v_steps=3", "methods.alphaedit.v_steps=3",
+        "+methods.memit.cov_conversations=8", "+methods.alphaedit.cov_conversations=8",
+        f"editors_dir={editors}", f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path,
+        env={"CHATEDIT_CACHE": str(tmp_path / "cache")})
+    records = json.loads((tmp_path / "eval" / "results.json").read_text())["records"]
+    methods = {"malmen-chat", "malmen-stacked", "ft", "memit", "alphaedit"}
+    assert {r["method"] for r in records} == methods  # the unedited model has no batches
+    for method in methods:
+        first = sorted((r["batch"], r["n"], r["value"]) for r in records
+                       if r["method"] == method and r["metric"] == "ES_first")
+        assert [(b, n) for b, n, _ in first] == [(1, 4), (2, 8), (3, 12)]
+        assert all(0 <= v <= 1 for *_, v in first)
+        ls = [r["value"] for r in records if r["method"] == method and r["metric"] == "LS"]
+        assert len(ls) == 3 and all(0 <= v <= 1 for v in ls)
+    assert (tmp_path / "eval" / "retention.png").exists()

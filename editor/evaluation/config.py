@@ -3,10 +3,18 @@ with hydra's ConfigStore as `eval/base`; conf/eval/{default,full}.yaml are its p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..methods import option
 from .behaviour import SuiteConfig
+
+
+@dataclass
+class SequentialConfig:
+    """T batches of N facts edited in turn on the first dataset (evaluation/sequential.py)."""
+
+    batches: int = option(0, "T, batches edited one after another (0: off)")
+    size: int = option(100, "N, facts per batch")
 
 
 @dataclass
@@ -27,6 +35,8 @@ class EvalConfig(SuiteConfig):
                          "per-method cap on N (null: none; FT's full-batch steps grow with N, "
                          "MEMIT's value search costs ~8 s per fact on a 2-core CPU); "
                          "a method added with +methods.x adds its cap with +eval.max_n.x")
+    sequential: SequentialConfig = field(default_factory=SequentialConfig, metadata={
+        "help": "batches > 0: the sequential protocol instead of N facts at once"})
     answer_tokens: int = option(16, "greedy tokens for the generation exact match")
     gen_limit: int | None = option(256, "ES_gen / GS_gen on the first this many of the N facts")
     kl_conversations: int = option(50, "held-out instruction and harmful conversations each")

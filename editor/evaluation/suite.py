@@ -31,6 +31,7 @@ from ..models import load_model
 from ..prompts import base_responses, conversation_rows
 from .behaviour import behaviour_suite
 from .metrics import answer_matches, edit_metrics, generation_metrics, teacher_forced
+from .sequential import distinct, sequential
 
 
 def checkpoint(name, spec, cfg):
@@ -42,8 +43,8 @@ def checkpoint(name, spec, cfg):
     return str(path) if spec.get("checkpoint") or path.exists() else False
 
 
-def shifter(name, spec, model, tok, cfg):
-    """The editor of one method, on the shared model (each restores it after every edit):
+def editor_for(name, spec, model, tok, cfg) -> Editor:
+    """The `Editor` of one method on the shared model (each restores it after every edit):
     `spec` is {rule, checkpoint (meta-trained methods), options of the method}."""
     options = {k: v for k, v in spec.items() if k not in ("rule", "checkpoint")}
     ckpt = checkpoint(name, spec, cfg)
@@ -52,7 +53,7 @@ def shifter(name, spec, model, tok, cfg):
         options.setdefault("module", cfg.model.edit.module)
         options.setdefault("layers", list(cfg.model.edit.layers))
     return Editor.from_pretrained(model, ckpt, tokenizer=tok, method=spec.rule,
-                                  system=cfg.model.system_prompt, **options).shifter
+                                  system=cfg.model.system_prompt, **options)
 
 
 class Drift:
@@ -130,16 +131,21 @@ def evaluate(cfg, save=None) -> list[dict]:
     drift = Drift(model, tok, cfg) if cfg.eval.behaviour_ns else None  # only where measured
     pools = {d: list(load_facts(d, cfg.eval.split)) for d in cfg.eval.datasets}
     refs, records = {}, []
+
+    def reference(dataset, first):
+        if (dataset, first) not in refs:
+            start = time.perf_counter()
+            refs[dataset, first] = Reference(model, tok, pools[dataset], first, cfg)
+            print(f"reference {dataset}: {time.perf_counter() - start:.0f}s")
+        return refs[dataset, first]
+
+    if cfg.eval.sequential.batches > 0:
+        return run_sequential(cfg, model, tok, methods, pools, reference, drift, save)
     for name, spec in methods.items():
-        editor = shifter(name, spec, model, tok, cfg)
+        editor = editor_for(name, spec, model, tok, cfg).shifter
         max_n = cfg.eval.max_n.get(name) or float("inf")
         for dataset, pool in pools.items():
-            key = (dataset, editor.first)
-            if key not in refs:
-                start = time.perf_counter()
-                refs[key] = Reference(model, tok, pool, editor.first, cfg)
-                print(f"reference {dataset}: {time.perf_counter() - start:.0f}s")
-            ref = refs[key]
+            ref = reference(dataset, editor.first)
             behaviour_ns = {min(b, len(pool)) for b in cfg.eval.behaviour_ns}
             for n in sorted({min(n, len(pool)) for n in cfg.eval.ns if n <= max_n}):
                 behaviour = n in behaviour_ns and dataset == cfg.eval.datasets[0]
@@ -165,6 +171,33 @@ def evaluate(cfg, save=None) -> list[dict]:
                 records += [{"method": name, "dataset": dataset, "n": n, "metric": k,
                              "value": float(v)} for k, v in metrics.items() if k != "n_facts"]
         editor.restore()
+        if save is not None:
+            save(records)
+    return records
+
+
+def run_sequential(cfg, model, tok, methods, pools, reference, drift, save) -> list[dict]:
+    """`eval.sequential` ({batches: T, size: N}) on the first dataset, every method but the
+    unedited one (`sequential.py`); `save(records)` after each method."""
+    batches, size = int(cfg.eval.sequential.batches), int(cfg.eval.sequential.size)
+    dataset = cfg.eval.datasets[0]
+    facts = distinct(pools[dataset])  # one prompt, one target across batches
+    if batches * size > len(facts):
+        raise ValueError(f"eval.sequential: {batches} x {size} facts, but {dataset} "
+                         f"{cfg.eval.split} has {len(facts)} distinct prompts")
+    pools[dataset] = facts = facts[:batches * size]  # what `reference` reads
+    records = []
+    for name, spec in methods.items():
+        editor = editor_for(name, spec, model, tok, cfg)
+        if isinstance(editor.shifter, NoEditor):
+            continue
+        behaviour = (lambda: behaviour_metrics(model, tok, drift, cfg)) if drift else None
+        for r in sequential(editor, reference(dataset, editor.shifter.first), facts,
+                            batches, size, cfg.eval.batch_size, behaviour):
+            records += [{"method": name, "dataset": dataset, "n": r["n"], "batch": r["batch"],
+                         "metric": k, "value": float(v)} for k, v in r.items()
+                        if k not in ("n", "batch")]
+        editor.shifter.restore()
         if save is not None:
             save(records)
     return records

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from editor import Editor
 from editor.evaluation.diagnose import massive_diagnostics
 from editor.evaluation.report import markdown_table
-from editor.evaluation.speed import STAGES, bench_edits, hardware
+from editor.evaluation.speed import STAGES, bench_edits, bench_lifelong, hardware
 from editor.files import write_atomic
 from editor.methods import get_method
 from editor.models import edit_modules, load_model
@@ -65,6 +65,8 @@ def main(cfg: DictConfig) -> None:
                            "fp32_vs_fp64"]
         tables["levers"] = ["n_facts", "changed", *cfg.levers, "ES", "ES_strict", "GS",
                             "GS_strict", "LS", "edit_seconds"]
+    if cfg.lifelong.batches:
+        result["lifelong"] = bench_lifelong(editor, cfg.lifelong.batches, cfg.lifelong.size)
     if cfg.train_steps:
         result["training"] = bench_training(editor, cfg, system)
         tables["training"] = ["hidden_cache", "logits_at_labels_only", "seconds_per_step",

@@ -65,7 +65,8 @@ def test_bench_script_on_tiny_llama(tmp_path):
 def test_bench_script_diagnoses_a_trained_editor(tmp_path, tiny_llama_checkpoint):
     run("bench.py", "model=tiny-llama", "ns=[]", "train_steps=0", "data.val_size=8",
         f"editor_checkpoint={tiny_llama_checkpoint}", "diagnose_ns=[2,8]", "scale_ns=[8]",
-        "levers.step_scale=[1.0,2.0]", "levers.reg_rows=[4]", f"hydra.run.dir={tmp_path}",
+        "levers.step_scale=[1.0,2.0]", "levers.reg_rows=[4]", "lifelong.batches=3",
+        "lifelong.size=4", f"hydra.run.dir={tmp_path}",
         cwd=tmp_path, env={"CHATEDIT_CACHE": str(tmp_path / "cache")})
     result = json.loads((tmp_path / "bench.json").read_text())
     solve = result["solve"]
@@ -75,6 +76,8 @@ def test_bench_script_diagnoses_a_trained_editor(tmp_path, tiny_llama_checkpoint
     assert [r["changed"] for r in levers] == [None, "step_scale", "eot_rows", "reg_rows"]
     assert levers[1]["step_scale"] == 2.0 and levers[3]["reg_rows"] == 4
     assert all(0 <= r["ES"] <= 1 and r["n_facts"] == 8 for r in levers)
+    lifelong = result["lifelong"]  # 3 batches in turn equal one joint edit of the 12 facts
+    assert len(lifelong["batch_seconds"]) == 3 and lifelong["vs_joint"] < 1e-4
 
 
 def test_evaluate_script_on_tiny_llama(tmp_path, tiny_llama_checkpoint):

@@ -17,9 +17,11 @@ import psutil
 import torch
 import torch.nn.functional as F
 
+from ..api import Editor
 from ..chat import conversations
 from ..data import load_facts
 from ..lm import forward, padded, row_chunks
+from .sequential import distinct
 
 STAGES = ("capture", "hypernetwork", "values", "solve", "fine-tune", "apply")  # "values":
 # MEMIT / AlphaEdit's target-value search
@@ -142,3 +144,34 @@ def hardware(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name()
     return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def bench_lifelong(editor, batches: int, size: int) -> dict:
+    """`batches` x `size` distinct zsRE facts edited in turn through the `Editor` API:
+    seconds per batch, then how far the total shift is from one edit of all of them
+    (relative Frobenius norm, worst module) and that edit's seconds."""
+    facts = distinct(list(load_facts("zsre", "test")) + list(load_facts("zsre", "train")))
+    facts = facts[:batches * size]
+    if len(facts) < batches * size:
+        raise ValueError(f"lifelong: {batches} x {size} facts, but only {len(facts)} distinct")
+    ed = Editor(editor.model, editor.tokenizer, editor, "bench")
+    out = {"batch_seconds": []}
+    try:
+        for t in range(batches):
+            start = time.perf_counter()
+            ed.edit(facts[t * size:(t + 1) * size], check=False)
+            out["batch_seconds"].append(time.perf_counter() - start)
+            print(f"batch {t + 1}/{batches}: {out['batch_seconds'][-1]:.1f}s")
+        turns = ed.total_shift()
+        start = time.perf_counter()
+        with editor.unedited():
+            editor.applied = []
+            once = editor.compute_shifts(editor.batch(facts))
+        out["joint_seconds"] = time.perf_counter() - start
+        out["vs_joint"] = max(((turns[n] - once[n].float().cpu()).norm()
+                               / once[n].float().cpu().norm()).item() for n in turns)
+        print(f"{batches} x {size} in turn vs one edit of all: {out['vs_joint']:.2e}")
+    finally:
+        if ed.history:
+            ed.rollback(all=True)
+    return out

@@ -13,6 +13,7 @@ bitwise equal to before (never restored by subtracting).
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -213,6 +214,11 @@ class HyperEditor(BaseEditor):
         (so the weights, master + the sum of the batches' shifts, equal one edit of every
         fact to float tolerance); `stats` keeps this batch's statistics."""
         joint = self.joint and bool(self.applied)
+        if joint and not all(f"{n}:rows" in b for b in self.applied for n in self.modules):
+            warnings.warn("an earlier batch has no statistics (edited with joint=false, or "
+                          "saved without them): this batch is stacked, not solved jointly",
+                          stacklevel=3)
+            joint = False
         if captured is None:
             with self.unedited() if joint else nullcontext():
                 captured = self.capture(batch)

@@ -146,6 +146,7 @@ class MemitEditor(BaseEditor):
     """MEMIT (module docstring); AlphaEdit is the same with another solve (`AlphaEditor`)."""
 
     needs_subject = True
+    keeps_keys = False  # whether each batch's K^T K is kept (`stats`)
 
     def __init__(self, model, tokenizer, modules: dict, config: MemitConfig, system=None):
         super().__init__(model, tokenizer, modules, system)
@@ -302,7 +303,8 @@ class MemitEditor(BaseEditor):
                 keys, now = self.taps(batch, pos)
                 resid = (z - now) / (len(self.order) - t)
                 shifts[name] = self.solve(name, keys[name], resid).float()
-                self.stats[name] = (keys[name].T @ keys[name]).double().cpu()
+                if self.keeps_keys:  # AlphaEdit's preserved set, for later batches
+                    self.stats[f"{name}:ktk"] = (keys[name].T @ keys[name]).cpu()
                 set_weight_kv(self.modules[name], start[name] + shifts[name].to(start[name]))
         finally:
             for n, m in self.modules.items():  # back to the weights it started from
@@ -318,6 +320,7 @@ class AlphaEditor(MemitEditor):
     def __init__(self, model, tokenizer, modules, config: AlphaEditConfig, system=None):
         super().__init__(model, tokenizer, modules, config, system)
         self.projector = {n: null_projector(c, config.null_threshold) for n, c in self.cov.items()}
+        self.keeps_keys = config.sequential
 
     def solve(self, name, keys, resid):
         cfg = self.config
@@ -326,7 +329,7 @@ class AlphaEditor(MemitEditor):
         p = self.projector[name].to(k)
         kk = k.T @ k
         if cfg.sequential:
-            for stats in self.applied:
-                kk = kk + stats[name].to(kk)
+            for stats in self.applied:  # batches edited by another method have none
+                kk = kk + stats.get(f"{name}:ktk", torch.zeros_like(kk)).to(kk)
         a = p @ kk + cfg.l2 * torch.eye(k.shape[1], dtype=dtype, device=k.device)
         return torch.linalg.solve(a, p @ (k.T @ r))

@@ -64,3 +64,14 @@ def test_rollback_drops_a_batch_and_save_load_continues_the_joint_solve(tmp_path
     again.load_edits(tmp_path / "edits2")
     assert [len(b.facts) for b in again.history] == [4, 8]
     assert all(set(b.stats) == set(later.history[0].stats) for b in again.history)
+
+
+def test_a_batch_without_statistics_is_stacked_with_a_warning():
+    ed = malmen_editor(joint=False)
+    ed.edit(FACTS[:4], check=False)
+    assert ed.history[0].stats == {}
+    ed.shifter.joint = True
+    with pytest.warns(UserWarning, match="has no statistics"):
+        ed.edit(FACTS[4:8], check=False)
+    assert len(ed.history) == 2 and all(torch.isfinite(s).all()
+                                        for s in ed.total_shift().values())

@@ -38,7 +38,7 @@ from .chat import IGNORE, fact_row, present
 from .data import load_facts
 from .editors import BaseEditor, _no_lap
 from .files import cache_dir, digest
-from .lm import _Stop, key_moments, last_hidden
+from .lm import _Stop, key_moments, last_hidden, row_chunks
 from .methods import option
 from .models import blocks, default_edit, set_weight_kv, weight_kv
 from .prompts import base_responses, conversation_rows
@@ -170,10 +170,17 @@ class MemitEditor(BaseEditor):
         return cls(model, tokenizer, modules, config, system)
 
     # ------------------------------------------------------------ reading
-    @torch.no_grad()
     def taps(self, batch, pos) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """({module: its input at the subject tokens, n x d_k}, block l_T's output there,
-        n x d), on the weights as they are now."""
+        n x d), on the weights as they are now, `config.chunk` facts per forward."""
+        size = self.config.chunk
+        parts = [self._taps(part, pos[i:i + size]) for i, part in
+                 zip(range(0, pos.shape[0], size), row_chunks(batch, size))]
+        return ({n: torch.cat([p[0][n] for p in parts]) for n in self.order},
+                torch.cat([p[1] for p in parts]))
+
+    @torch.no_grad()
+    def _taps(self, batch, pos):
         seen, rows = {}, torch.arange(pos.shape[0], device=pos.device)
 
         def keep(name):
@@ -218,14 +225,9 @@ class MemitEditor(BaseEditor):
     def target_values(self, batch, pos) -> torch.Tensor:
         """z (n x d): block l_T's output at the subject tokens that makes each target likely
         (step 1 of the module docstring), `config.chunk` facts per forward/backward."""
-        cfg, n = self.config, pos.shape[0]
-        parts = []
-        for i in range(0, n, cfg.chunk):
-            part = {k: v[i:i + cfg.chunk] for k, v in batch.items()}
-            width = int(part["attention_mask"].sum(1).max())
-            part = {k: v[:, :width] if v.ndim > 1 else v for k, v in part.items()}
-            parts.append(self._values(part, pos[i:i + cfg.chunk]))
-        return torch.cat(parts)
+        size = self.config.chunk
+        return torch.cat([self._values(part, pos[i:i + size]) for i, part in
+                          zip(range(0, pos.shape[0], size), row_chunks(batch, size))])
 
     def _values(self, batch, pos) -> torch.Tensor:
         """Step 1 for one chunk; a fact whose loss falls below `stop_loss` keeps its delta

@@ -53,6 +53,9 @@ def main(cfg: DictConfig) -> None:
                                     layers=list(cfg.model.edit.layers))
     print(f"loaded {cfg.model.name} with editor {ed.checkpoint_path or 'FT baseline'}; edited "
           f"modules: {', '.join(ed.modules)} ({time.time() - t0:.0f}s)")
+    if cfg.load_edits:  # an earlier session's edits: the new facts go on top of them
+        ed.load_edits(cfg.load_edits)
+        print(f"applied {len(ed.history)} saved batch(es) from {cfg.load_edits}")
     if cfg.show_format:
         f = facts[0]
         print(f"\nchat formatting of {f['prompt']!r} -> {f['target']!r}:")

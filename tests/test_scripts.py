@@ -32,6 +32,24 @@ def test_edit_script_on_tiny_gpt2_with_user_facts(tmp_path):
     assert (tmp_path / "run" / ".hydra" / "config.yaml").exists()
 
 
+def test_edit_script_adds_a_batch_to_an_earlier_sessions_edits(tmp_path):
+    from editor import checkpoint
+
+    for i, fact in enumerate(('{"prompt": "Who wrote Hamlet?", "target": "Marlowe"}',
+                              '{"prompt": "Who painted the Mona Lisa?", "target": "Titian"}')):
+        (tmp_path / f"facts{i}.jsonl").write_text(fact + "\n")
+    common = ["model=tiny-gpt2", "max_new_tokens=2", "editor_checkpoint=null"]
+    run("edit.py", *common, f"facts={tmp_path / 'facts0.jsonl'}",
+        f"save_edits={tmp_path / 'edits0'}", f"hydra.run.dir={tmp_path / 'run0'}", cwd=tmp_path)
+    stdout = run("edit.py", *common, f"facts={tmp_path / 'facts1.jsonl'}",
+                 f"load_edits={tmp_path / 'edits0'}", f"save_edits={tmp_path / 'edits1'}",
+                 f"hydra.run.dir={tmp_path / 'run1'}", cwd=tmp_path)
+    assert "applied 1 saved batch(es)" in stdout
+    _, meta = checkpoint.load(tmp_path / "edits1" / "edits.safetensors")
+    assert [[f["prompt"] for f in b["facts"]] for b in meta["batches"]] == [
+        ["Who wrote Hamlet?"], ["Who painted the Mona Lisa?"]]
+
+
 def test_edit_script_trains_and_caches_a_quick_editor(tmp_path):
     quick = ["locality=nq", "train.steps=2", "train.n_edits=4", "train.val_every=2",
              "data.val_size=4", "train.test_facts=4", "editor.rank=8"]

@@ -28,7 +28,7 @@ from . import checkpoint
 from .chat import check_text, encode_pair, generate
 from .data import Fact
 from .editors import BaseEditor
-from .files import atomic_folder, check_folder, digest
+from .files import atomic_folder, check_folder, tensors_digest
 from .lm import accuracy, padded, predictions
 from .methods import get_method
 from .models import edit_modules, kv_shape, load_model
@@ -146,8 +146,7 @@ def check_subjects(facts, rows, method: str) -> None:
 
 def weights_fingerprint(master: dict[str, torch.Tensor]) -> str:
     """sha256 of the unedited weights of the edited modules (names, shapes and values)."""
-    return digest(*(part for name in sorted(master) for part in (
-        name, str(tuple(master[name].shape)), master[name].numpy().tobytes())), size=16)
+    return tensors_digest(sorted(master.items()))
 
 
 class Editor:
@@ -286,7 +285,8 @@ class Editor:
                             max_length=limit, subject=f["subject"] or None) for f in facts]
         if self.shifter.needs_subject:
             check_subjects(facts, rows, type(self.shifter).__name__)
-        self.shifter.applied = [b.stats for b in self.history]
+        # later batches of this history may need this one's statistics, and it the earlier
+        self.shifter.keep_stats, self.shifter.applied = True, [b.stats for b in self.history]
         shifts = self.shifter.compute_shifts(padded(self.model, self.tokenizer, rows))
         batch = EditBatch(facts, {n: s.detach().float().cpu() for n, s in shifts.items()},
                           time.strftime("%Y-%m-%dT%H:%M:%S"), dict(self.shifter.stats))

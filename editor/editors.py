@@ -50,11 +50,13 @@ class BaseEditor:
             p.requires_grad_(False)
         self.master = {n: weight_kv(m).detach().float().clone() for n, m in modules.items()}
         self.first = first_block(model, modules)
-        # what a method keeps per applied batch besides its shift (AlphaEdit: each module's
-        # K^T K): `stats` of the last compute_shifts; `applied`, those of the batches applied
-        # before it (set by `Editor.edit`)
+        # what a method keeps per applied batch besides its shift (MALMEN: K^T K, K^T D,
+        # rows; AlphaEdit: K^T K), only with `keep_stats`, which `Editor.edit` sets (its
+        # history is what uses them): `stats` of the last compute_shifts; `applied`, those
+        # of the batches applied before it
         self.stats: dict[str, torch.Tensor] = {}
         self.applied: list[dict[str, torch.Tensor]] = []
+        self.keep_stats = False
 
     def compute_shifts(self, batch, lap=_no_lap) -> dict[str, torch.Tensor]:
         """{module name: S (d_k x d_v)} for all facts of the batch at once; leaves the
@@ -87,6 +89,24 @@ class BaseEditor:
     def restore(self) -> None:
         for name, module in self.modules.items():
             set_weight_kv(module, self.master[name])
+
+    @contextmanager
+    def kept_weights(self):
+        """Inside, the edited modules may be written; on exit they hold what they held on
+        entry (yields those weights, fp32)."""
+        start = {n: weight_kv(m).detach().float().clone() for n, m in self.modules.items()}
+        try:
+            yield start
+        finally:
+            for n, m in self.modules.items():
+                set_weight_kv(m, start[n])
+
+    @contextmanager
+    def unedited(self):
+        """Inside: the edited modules hold their master (unedited) weights."""
+        with self.kept_weights():
+            self.restore()
+            yield
 
 
 @dataclass
@@ -212,8 +232,9 @@ class HyperEditor(BaseEditor):
         keys and value gradients captured on the unedited weights, and the shift that takes
         the earlier batches' joint solve S(prev) to the joint solve of all, S(prev + this)
         (so the weights, master + the sum of the batches' shifts, equal one edit of every
-        fact to float tolerance); `stats` keeps this batch's statistics."""
-        joint = self.joint and bool(self.applied)
+        fact to float tolerance); `stats` keeps this batch's statistics (with `keep_stats`)."""
+        keep = self.joint and self.keep_stats
+        joint = keep and bool(self.applied)
         if joint and not all(f"{n}:rows" in b for b in self.applied for n in self.modules):
             warnings.warn("an earlier batch has no statistics (edited with joint=false, or "
                           "saved without them): this batch is stacked, not solved jointly",
@@ -226,7 +247,7 @@ class HyperEditor(BaseEditor):
         hn, shifts, self.stats = self.hypernet, {}, {}
         with torch.no_grad():
             for name, (k, d) in captured.items():
-                if not self.joint:
+                if not keep:
                     shifts[name] = self.step_scale * hn.shift(
                         name, k, d, self.solve_dtype, self.hyper_chunk, lap=lap)
                     continue
@@ -244,17 +265,6 @@ class HyperEditor(BaseEditor):
                 lap("solve")
                 shifts[name] = self.step_scale * shift
         return shifts
-
-    @contextmanager
-    def unedited(self):
-        """Inside: the edited modules hold their master (unedited) weights."""
-        now = {n: weight_kv(m).detach().clone() for n, m in self.modules.items()}
-        self.restore()
-        try:
-            yield
-        finally:
-            for n, m in self.modules.items():
-                set_weight_kv(m, now[n])
 
 
 def summed(batches: list[dict], name: str) -> dict[str, torch.Tensor]:
@@ -293,26 +303,24 @@ class FTEditor(BaseEditor):
         return cls(model, tokenizer, modules, config.steps, config.lr, system)
 
     def compute_shifts(self, batch, lap=_no_lap):
-        start = {n: weight_kv(m).detach().float().clone() for n, m in self.modules.items()}
         weights = [m.weight for m in self.modules.values()]
-        for w in weights:
-            w.requires_grad_(True)
-        opt = torch.optim.Adam(weights, lr=self.lr)
-        try:
-            with torch.enable_grad():
-                for _ in range(self.steps):
-                    logits, labels, _ = forward(self.model, batch, self.first)
-                    loss = F.cross_entropy(logits, labels)
-                    opt.zero_grad()
-                    loss.backward()
-                    opt.step()
-            shifts = {n: weight_kv(m).detach().float() - start[n]
-                      for n, m in self.modules.items()}
-        finally:
+        with self.kept_weights() as start:  # back to the weights it started from
             for w in weights:
-                w.requires_grad_(False)
-                w.grad = None
-            for n, m in self.modules.items():  # back to the weights it started from
-                set_weight_kv(m, start[n])
+                w.requires_grad_(True)
+            opt = torch.optim.Adam(weights, lr=self.lr)
+            try:
+                with torch.enable_grad():
+                    for _ in range(self.steps):
+                        logits, labels, _ = forward(self.model, batch, self.first)
+                        loss = F.cross_entropy(logits, labels)
+                        opt.zero_grad()
+                        loss.backward()
+                        opt.step()
+                shifts = {n: weight_kv(m).detach().float() - start[n]
+                          for n, m in self.modules.items()}
+            finally:
+                for w in weights:
+                    w.requires_grad_(False)
+                    w.grad = None
         lap("fine-tune")
         return shifts

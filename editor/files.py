@@ -3,7 +3,8 @@
 - `atomic_file(path)`: write into a temporary sibling, then rename: readers see the old
   file or the new one, never half of one; on any error (Ctrl-C included) nothing changes.
 - `atomic_folder(path)`: the same for a folder of files.
-- `digest(*parts)`: a short content hash naming a cache entry.
+- `digest(*parts)`: a short content hash naming a cache entry; `tensors_digest(named)`,
+  that of named tensors (names, shapes, raw bytes).
 - `cache_dir()`: where cached models and responses live ($CHATEDIT_CACHE or
   ~/.cache/chatedit).
 """
@@ -36,6 +37,16 @@ def digest(*parts, size: int = 8) -> str:
             part = json.dumps(part, sort_keys=True).encode()
         h.update(part)
     return h.hexdigest()[:size]
+
+
+def tensors_digest(named, size: int = 16) -> str:
+    """`digest` of (name, tensor) pairs in their order: each name, shape and raw bytes (any
+    dtype), e.g. the fingerprint of a model's weights."""
+    import torch
+
+    return digest(*(part for name, t in named for part in (
+        name, str(tuple(t.shape)),
+        t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())), size=size)
 
 
 def check_folder(path: str | Path) -> Path:

@@ -62,11 +62,15 @@ def by_length(model, tokenizer, rows: list[dict | None], batch_size: int, desc: 
         yield idx, padded(model, tokenizer, [rows[j] for j in idx])
 
 
+def block_of(model, module_name: str) -> int:
+    """Index of the block holding a module ("model.layers.5.mlp.down_proj" -> 5)."""
+    prefix, _ = blocks(model)
+    return int(module_name[len(prefix) + 1:].split(".")[0])
+
+
 def first_block(model, module_names) -> int:
     """Index of the lowest block holding an edited module."""
-    prefix, _ = blocks(model)
-    indices = [int(n[len(prefix) + 1:].split(".")[0]) for n in module_names]
-    return min(indices)
+    return min(block_of(model, n) for n in module_names)
 
 
 @contextmanager

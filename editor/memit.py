@@ -37,10 +37,10 @@ from . import checkpoint
 from .chat import IGNORE, fact_row, present
 from .data import load_facts
 from .editors import BaseEditor, _no_lap
-from .files import cache_dir, digest
-from .lm import _Stop, key_moments, last_hidden, row_chunks
+from .files import cache_dir, digest, tensors_digest
+from .lm import _Stop, block_of, key_moments, last_hidden, row_chunks
 from .methods import option
-from .models import blocks, default_edit, set_weight_kv, weight_kv
+from .models import blocks, default_edit, set_weight_kv
 from .prompts import base_responses, conversation_rows
 
 
@@ -106,22 +106,23 @@ def _corpus_rows(model, tokenizer, config: MemitConfig, system) -> list[dict]:
     return rows
 
 
-def weights_digest(model) -> str:
-    """sha256 of every parameter's bytes (name, shape, dtype, values)."""
-    parts = []
-    for name, p in model.named_parameters():
-        parts += [name, str(tuple(p.shape)), str(p.dtype),
-                  p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()]
-    return digest(*parts, size=16)
+def weights_digest(model, upto: int) -> str:
+    """`tensors_digest` of every parameter the keys of blocks 0..`upto` depend on: all but
+    those of the blocks above."""
+    prefix, block_list = blocks(model)
+    above = tuple(f"{prefix}.{i}." for i in range(upto + 1, len(block_list)))
+    return tensors_digest((name, p) for name, p in model.named_parameters()
+                          if not name.startswith(above))
 
 
 def key_covariance(model, tokenizer, modules: dict, config: MemitConfig,
                    system=None) -> dict[str, torch.Tensor]:
     """{module: C = E[k k^T]} over every token of the corpus (`_corpus_rows`), cached as
-    safetensors under a name that changes with the model's weights, the modules and the
-    corpus options (so an edited or other model gets its own)."""
+    safetensors under a name that changes with the weights the keys depend on, the modules
+    and the corpus options (so an edited or other model gets its own)."""
+    upto = max(block_of(model, n) for n in modules)
     spec = [sorted(modules), config.cov_conversations, config.cov_tokens, system or ""]
-    name = digest(weights_digest(model), *spec, size=16)
+    name = digest(weights_digest(model, upto), *spec, size=16)
     path = cache_dir() / "covariance" / f"{name}.safetensors"
     if path.exists():
         tensors, _ = checkpoint.load(path)
@@ -156,10 +157,9 @@ class MemitEditor(BaseEditor):
             raise ValueError(f"solve_dtype must be one of {sorted(SOLVE_DTYPES)}, got "
                              f"{config.solve_dtype!r}")
         self.config = config
-        prefix, self.block_list = blocks(model)
-        layer = {n: int(n[len(prefix) + 1:].split(".")[0]) for n in modules}
-        self.order = sorted(modules, key=layer.get)  # edited modules, lowest block first
-        self.last = layer[self.order[-1]]
+        _, self.block_list = blocks(model)
+        self.order = sorted(modules, key=lambda n: block_of(model, n))  # lowest block first
+        self.last = block_of(model, self.order[-1])
         if self.last == len(self.block_list) - 1:
             raise ValueError(f"{config.name} edits the last block ({self.order[-1]}): the target "
                              "values need blocks above the edited ones; edit lower layers")
@@ -300,19 +300,15 @@ class MemitEditor(BaseEditor):
     def spread(self, batch, pos, z) -> dict[str, torch.Tensor]:
         """Step 2: the shift of each edited module, lowest block first, each applied before
         the next one's keys are read; the weights are back as they were on return."""
-        start = {n: weight_kv(m).detach().float().clone() for n, m in self.modules.items()}
         self.stats, shifts = {}, {}
-        try:
+        with self.kept_weights() as start:  # back to the weights it started from
             for t, name in enumerate(self.order):
                 keys, now = self.taps(batch, pos)
                 resid = (z - now) / (len(self.order) - t)
                 shifts[name] = self.solve(name, keys[name], resid).float()
-                if self.keeps_keys:  # AlphaEdit's preserved set, for later batches
+                if self.keeps_keys and self.keep_stats:  # AlphaEdit's preserved set
                     self.stats[f"{name}:ktk"] = (keys[name].T @ keys[name]).cpu()
                 set_weight_kv(self.modules[name], start[name] + shifts[name].to(start[name]))
-        finally:
-            for n, m in self.modules.items():  # back to the weights it started from
-                set_weight_kv(m, start[n])
         return shifts
 
 

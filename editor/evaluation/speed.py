@@ -23,8 +23,8 @@ from ..data import load_facts
 from ..lm import forward, padded, row_chunks
 from .sequential import distinct
 
-STAGES = ("capture", "hypernetwork", "values", "solve", "fine-tune", "apply")  # "values":
-# MEMIT / AlphaEdit's target-value search
+# "values": MEMIT / AlphaEdit's target-value search
+STAGES = ("capture", "hypernetwork", "values", "solve", "fine-tune", "apply")
 
 
 class Laps:

@@ -25,14 +25,14 @@ from pathlib import Path
 import torch
 
 from . import checkpoint
-from .chat import check_text, encode_pair, generate
+from .chat import encode_pair, generate
 from .data import Fact
 from .editors import BaseEditor
 from .files import atomic_folder, check_folder, tensors_digest
 from .lm import accuracy, padded, predictions
 from .methods import get_method
 from .models import edit_modules, kv_shape, load_model
-from .text import exact_match, key
+from .text import check_text, exact_match, key
 
 EDITS_FILE = "edits.safetensors"
 MAX_SHIFT_RATIO = 10.0  # a loaded shift larger than this times its weights' norm is refused

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import datasets
 
-from .text import clean, key, visible
+from .text import check_text, key
 
 ASSETS = Path(__file__).parent / "assets"
 
@@ -67,22 +67,16 @@ class Fact:
     def __post_init__(self):
         """Validated and normalised once (`text.clean`), for every entry point."""
         where = f"fact {self.id}" if self.id else f"fact {self.prompt!r}"
-        for name in ("prompt", "target"):
-            value = getattr(self, name)
-            if not isinstance(value, str) or not visible(value):
-                raise ValueError(f"{where}: {name!r} must be a non-empty string with visible "
-                                 f"characters, got {value!r}")
-            setattr(self, name, clean(value))
+        self.prompt = check_text(self.prompt, f"{where}: prompt")
+        self.target = check_text(self.target, f"{where}: target")
         if key(self.prompt) == key(self.target):
             raise ValueError(f"{where}: the target equals the prompt ({self.target!r})")
         for name in ("rephrases", "loc_prompts", "loc_answers"):
             value = getattr(self, name)
             if isinstance(value, str) or not all(isinstance(v, str) for v in value):
                 raise ValueError(f"{where}: {name} must be a list of strings, got {value!r}")
-        if not all(visible(r) for r in self.rephrases):
-            raise ValueError(f"{where}: rephrases must be non-empty strings, got "
-                             f"{self.rephrases!r}")
-        self.rephrases = [clean(r) for r in self.rephrases]
+        self.rephrases = [check_text(r, f"{where}: rephrase {j}")
+                          for j, r in enumerate(self.rephrases)]
         if len(self.loc_prompts) != len(self.loc_answers):
             raise ValueError(f"{where}: {len(self.loc_prompts)} locality prompts but "
                              f"{len(self.loc_answers)} answers")

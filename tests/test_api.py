@@ -71,8 +71,8 @@ def test_edits_accept_fact_records(ed):
 
 @pytest.mark.parametrize("facts, error, match", [
     ([], ValueError, "no facts"),
-    ([{"prompt": "", "target": "x"}], ValueError, "'prompt' must be a non-empty string"),
-    ([{"prompt": "Who?", "target": 3}], ValueError, "'target' must be a non-empty string"),
+    ([{"prompt": "", "target": "x"}], ValueError, "fact 0: prompt is empty"),
+    ([{"prompt": "Who?", "target": 3}], ValueError, "fact 0: target must be a string, got int"),
     (["Who wrote Dune?"], TypeError, "must be a dict"),
     ([{"prompt": "Who wrote Dune?", "target": "A"}, {"prompt": "Who wrote Dune?", "target": "B"}],
      ValueError, "conflicting targets"),

@@ -97,8 +97,8 @@ def test_user_files_in_any_format(tmp_path, suffix):
 
 @pytest.mark.parametrize("record,err", [
     ({"prompt": "Q?"}, r"facts\[0\]: unknown fact format with fields \['prompt'\]"),
-    ({"prompt": "Q?", "target": ""}, "'target' must be a non-empty string"),
-    ({"prompt": "Q?", "target": 5}, "'target' must be a non-empty string"),
+    ({"prompt": "Q?", "target": ""}, "target is empty or only invisible characters"),
+    ({"prompt": "Q?", "target": 5}, "target must be a string, got int"),
     ({"prompt": "Q?", "target": "A", "rephrases": [1]}, "rephrases must be a list of strings"),
     ({"prompt": "Q?", "target": "A", "loc_prompts": ["a"], "loc_answers": []},
      "1 locality prompts but 0 answers"),

@@ -39,11 +39,13 @@ def table(records: list[dict]) -> str:
 
 
 def changes(records: list[dict]) -> str:
-    """Behaviour against the unedited model at the same dataset and N, in points."""
+    """Behaviour against the unedited model at the same dataset and N (the sequential
+    protocol's: its N = 0 record), in points."""
     value = {(r["method"], r["dataset"], r["n"], r["metric"]): r["value"] for r in records}
     cells = {}
     for (method, dataset, n, metric), v in value.items():
-        base = value.get(("unedited", dataset, n, metric))
+        base = value.get(("unedited", dataset, n, metric), value.get(("unedited", dataset, 0,
+                                                                      metric)))
         if method != "unedited" and metric in CHANGED and base is not None:
             row = cells.setdefault((method, dataset, n),
                                    {"method": method, "data": dataset, "N": n})

@@ -189,7 +189,11 @@ def run_sequential(cfg, model, tok, methods, pools, reference, drift, save) -> l
     records = []
     for name, spec in methods.items():
         editor = editor_for(name, spec, model, tok, cfg)
-        if isinstance(editor.shifter, NoEditor):
+        if isinstance(editor.shifter, NoEditor):  # the behaviour every method ends against
+            if drift:
+                records += [{"method": name, "dataset": dataset, "n": 0, "batch": 0,
+                             "metric": k, "value": float(v)}
+                            for k, v in behaviour_metrics(model, tok, drift, cfg).items()]
             continue
         behaviour = (lambda: behaviour_metrics(model, tok, drift, cfg)) if drift else None
         for r in sequential(editor, reference(dataset, editor.shifter.first), facts,

@@ -25,11 +25,10 @@ from pathlib import Path
 import torch
 
 from . import checkpoint
-from .chat import encode_pair, generate
 from .data import Fact
 from .editors import BaseEditor
 from .files import atomic_folder, check_folder, tensors_digest
-from .lm import accuracy, padded, predictions
+from .lm import accuracy, padded
 from .methods import get_method
 from .models import edit_modules, kv_shape, load_model
 from .text import check_text, exact_match, key
@@ -152,12 +151,15 @@ def weights_fingerprint(master: dict[str, torch.Tensor]) -> str:
 class Editor:
     """A chat model with an editor attached. Build it with `from_pretrained`."""
 
-    def __init__(self, model, tokenizer, shifter: BaseEditor, name: str, answer_tokens: int = 24,
+    def __init__(self, shifter: BaseEditor, name: str, answer_tokens: int = 24,
                  checkpoint_path=None):
-        self.model, self.tokenizer, self.shifter, self.name = model, tokenizer, shifter, name
+        self.shifter, self.name, self.lm = shifter, name, shifter.lm  # lm: the loaded model
         self.answer_tokens, self.checkpoint_path = answer_tokens, checkpoint_path
         self.history: list[EditBatch] = []
         self.fingerprint = weights_fingerprint(shifter.master)
+
+    model = property(lambda self: self.lm.model)
+    tokenizer = property(lambda self: self.lm.tokenizer)
 
     # ------------------------------------------------------------ building
     @classmethod
@@ -213,7 +215,7 @@ class Editor:
             config = found.config_from(meta["config"]["editor"], **overrides)
             state = checkpoint.unprefixed(tensors, "hypernet.")
         shifter = found.editor.from_config(model, tokenizer, modules, config, system, state)
-        return cls(model, tokenizer, shifter, name, answer_tokens, editor_checkpoint)
+        return cls(shifter, name, answer_tokens, editor_checkpoint)
 
     @classmethod
     def quick(cls, model: str = "smollm2-135m-instruct", data: str = "zsre",
@@ -281,8 +283,8 @@ class Editor:
         facts = check_facts(facts, self.history)
         start = time.perf_counter()
         limit = getattr(self.model.config, "max_position_embeddings", None)
-        rows = [encode_pair(self.tokenizer, f["prompt"], f["target"], self.shifter.system,
-                            max_length=limit, subject=f["subject"] or None) for f in facts]
+        rows = [self.lm.encode(f["prompt"], f["target"], f["subject"] or None, limit)
+                for f in facts]
         if self.shifter.needs_subject:
             check_subjects(facts, rows, type(self.shifter).__name__)
         # later batches of this history may need this one's statistics, and it the earlier
@@ -304,9 +306,8 @@ class Editor:
         return EditResult(result, seconds, len(facts))
 
     def _check(self, facts, rows) -> list[FactResult]:
-        preds = predictions(self.model, self.tokenizer, rows)
-        answers = generate(self.model, self.tokenizer, [f["prompt"] for f in facts],
-                           max_new_tokens=self.answer_tokens, system=self.shifter.system)
+        preds = self.lm.predictions(rows)
+        answers = self.lm.generate([f["prompt"] for f in facts], self.answer_tokens)
         return [FactResult(f["prompt"], f["target"], accuracy([p]), a, exact_match(a, f["target"]))
                 for f, p, a in zip(facts, preds, answers)]
 
@@ -320,8 +321,7 @@ class Editor:
     # ------------------------------------------------------------- talking
     def generate(self, prompt: str | list[str], max_new_tokens: int = 64) -> str | list[str]:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        out = generate(self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens,
-                       system=self.shifter.system)
+        out = self.lm.generate(prompts, max_new_tokens)
         return out[0] if isinstance(prompt, str) else out
 
     @torch.no_grad()

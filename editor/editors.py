@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from hypernet import HyperNetwork
 
 from .chat import encode_facts
-from .lm import capture, first_block, forward, row_chunks
+from .lm import ChatLM, capture, first_block, forward, row_chunks
 from .methods import option
 from .models import DTYPES, kv_shape, set_weight_kv, weight_kv
 
@@ -45,11 +45,11 @@ class BaseEditor:
         return cls(model, tokenizer, modules, system)
 
     def __init__(self, model, tokenizer, modules: dict, system: str | None = None):
-        self.model, self.tokenizer, self.modules, self.system = model, tokenizer, modules, system
+        self.lm = ChatLM(model, tokenizer, system, first_block(model, modules))
+        self.modules = modules
         for p in model.parameters():
             p.requires_grad_(False)
         self.master = {n: weight_kv(m).detach().float().clone() for n, m in modules.items()}
-        self.first = first_block(model, modules)
         # what a method keeps per applied batch besides its shift (MALMEN: K^T K, K^T D,
         # rows; AlphaEdit: K^T K), only with `keep_stats`, which `Editor.edit` sets (its
         # history is what uses them): `stats` of the last compute_shifts; `applied`, those
@@ -57,6 +57,12 @@ class BaseEditor:
         self.stats: dict[str, torch.Tensor] = {}
         self.applied: list[dict[str, torch.Tensor]] = []
         self.keep_stats = False
+
+    # the loaded model's parts (`self.lm`), as every method reads them
+    model = property(lambda self: self.lm.model)
+    tokenizer = property(lambda self: self.lm.tokenizer)
+    system = property(lambda self: self.lm.system)
+    first = property(lambda self: self.lm.first)
 
     def compute_shifts(self, batch, lap=_no_lap) -> dict[str, torch.Tensor]:
         """{module name: S (d_k x d_v)} for all facts of the batch at once; leaves the

@@ -16,13 +16,56 @@ module.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .chat import IGNORE, answer_mask, pad
+from .chat import IGNORE, answer_mask, encode_pair, generate, pad
 from .models import blocks
+
+
+@dataclass
+class ChatLM:
+    """A loaded chat model as the toolkit runs it (lm-eval's `HFLM`): the model, its
+    tokenizer, the system prompt every conversation gets, and the first edited block (rows
+    may cache the hidden state entering it; None: none is edited, run from the embeddings).
+    Its methods are this module's functions with those four filled in."""
+
+    model: Any
+    tokenizer: Any
+    system: str | None = None
+    first: int | None = None
+
+    def encode(self, prompt: str, answer: str, subject: str | None = None,
+               max_length: int | None = None) -> dict:
+        return encode_pair(self.tokenizer, prompt, answer, self.system, max_length, subject)
+
+    def generate(self, prompts: list[str], max_new_tokens: int = 32, batch_size: int = 16,
+                 progress: bool = False) -> list[str]:
+        return generate(self.model, self.tokenizer, prompts, max_new_tokens, batch_size,
+                        self.system, progress)
+
+    def with_hidden(self, rows, batch_size: int = 32, progress: bool = False):
+        return with_hidden(self.model, self.tokenizer, rows, self.first, batch_size, progress)
+
+    def with_final(self, rows, batch_size: int = 32, progress: bool = False):
+        return with_final(self.model, self.tokenizer, rows, self.first, batch_size, progress)
+
+    def with_capture(self, rows, modules: dict, batch_size: int = 32, progress: bool = False,
+                     eot_rows: bool = True):
+        return with_capture(self.model, self.tokenizer, rows, modules, self.first, batch_size,
+                            progress, eot_rows)
+
+    def key_moments(self, rows, modules: dict, batch_size: int = 32, progress: bool = False,
+                    every_token: bool = False):
+        return key_moments(self.model, self.tokenizer, rows, modules, self.first, batch_size,
+                           progress, every_token)
+
+    def predictions(self, rows, batch_size: int = 32):
+        return predictions(self.model, self.tokenizer, rows, self.first, batch_size)
 
 
 def padded(model, tokenizer, rows: list[dict], side: str = "right") -> dict:

@@ -19,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from editor import Editor
-from editor.chat import describe, encode_pair
+from editor.chat import describe
 from editor.data import load_facts
 from editor.files import check_folder, write_atomic
 
@@ -59,8 +59,7 @@ def main(cfg: DictConfig) -> None:
     if cfg.show_format:
         f = facts[0]
         print(f"\nchat formatting of {f['prompt']!r} -> {f['target']!r}:")
-        print(describe(ed.tokenizer, encode_pair(ed.tokenizer, f["prompt"], f["target"],
-                                                 ed.shifter.system)))
+        print(describe(ed.tokenizer, ed.lm.encode(f["prompt"], f["target"])))
 
     rows = [{"kind": "fact", "prompt": f["prompt"], "target": f["target"]} for f in facts]
     rows += [{"kind": "rephrase", "prompt": f["rephrases"][0], "target": f["target"]}

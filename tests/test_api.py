@@ -177,3 +177,23 @@ def test_readme_example_runs(ckpt, tmp_path, monkeypatch):
     exec(compile(code, "README.md", "exec"), {})
     assert (tmp_path / "my-edits" / "edits.safetensors").exists()
     assert (tmp_path / "my-lora" / "adapter_config.json").exists()
+
+
+def test_the_loaded_model_is_one_object_shared_by_editor_and_method(ed):
+    """`Editor.lm` is the method's `ChatLM`: model, tokenizer, system prompt and first edited
+    block in one place, its methods the lm functions with them filled in."""
+    from editor.chat import encode_pair
+    from editor.lm import predictions, with_hidden
+
+    lm = ed.lm
+    assert lm is ed.shifter.lm and ed.model is lm.model and ed.tokenizer is lm.tokenizer
+    assert (ed.shifter.system, ed.shifter.first) == (lm.system, lm.first) and lm.first > 0
+    row = lm.encode(FACTS[0]["prompt"], FACTS[0]["target"])
+    assert row == encode_pair(ed.tokenizer, FACTS[0]["prompt"], FACTS[0]["target"], lm.system)
+    cached = lm.with_hidden([row])
+    assert torch.equal(cached[0]["hidden"], with_hidden(ed.model, ed.tokenizer, [row],
+                                                         lm.first)[0]["hidden"])
+    (fast, labels), = lm.predictions(cached)  # from the cached hidden state entering `first`
+    (full, labels_full), = predictions(ed.model, ed.tokenizer, [row])
+    assert torch.equal(fast, full) and torch.equal(labels, labels_full)
+    assert ed.generate(FACTS[0]["prompt"], 4) == lm.generate([FACTS[0]["prompt"]], 4)[0]

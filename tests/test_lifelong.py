@@ -22,7 +22,7 @@ def malmen_editor(dtype=None, joint=True) -> Editor:
     for name in modules:  # a key prior, so the joint solve carries mu C too
         d_k = kv_shape(modules[name])[0]
         net.set_prior(name, torch.eye(d_k) * 0.01)
-    return Editor(model, tok, HyperEditor(model, tok, modules, net, joint=joint), "tiny-llama")
+    return Editor(HyperEditor(model, tok, modules, net, joint=joint), "tiny-llama")
 
 
 def relative(a: dict, b: dict) -> float:

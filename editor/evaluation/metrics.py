@@ -18,7 +18,7 @@ import time
 
 
 from ..chat import KINDS, generate, present
-from ..lm import accuracy, padded, predictions
+from ..lm import accuracy, padded
 from ..text import exact_match
 
 def strict(preds) -> float:
@@ -63,17 +63,16 @@ def edit_metrics(editor, rows: dict[str, list[dict]], batch_size: int = 32, extr
     None rows are skipped) at once with `editor`; measure the teacher-forced metrics (and
     `extra()`'s, called while the edit is applied); restore the weights. `before`: the
     unedited model's predictions on the loc rows, when the caller already has them."""
-    model, tok, first = editor.model, editor.tokenizer, editor.first
+    lm = editor.lm
     rows = {k: present(r) for k, r in rows.items()}
     if before is None:
-        before = predictions(model, tok, rows["loc"], first, batch_size)
+        before = lm.predictions(rows["loc"], batch_size)
     start = time.perf_counter()
     edit = sorted(rows["edit"], key=lambda r: len(r["input_ids"]))  # less padding per chunk
-    editor.apply(editor.compute_shifts(padded(model, tok, edit)))
+    editor.apply(editor.compute_shifts(padded(lm.model, lm.tokenizer, edit)))
     seconds = time.perf_counter() - start
     try:
-        out = teacher_forced(*(predictions(model, tok, rows[k], first, batch_size) for k in KINDS),
-                             before)
+        out = teacher_forced(*(lm.predictions(rows[k], batch_size) for k in KINDS), before)
         out.update({"n_facts": len(rows["edit"]), "edit_seconds": seconds})
         if extra is not None:
             out.update(extra())

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 
 from ..chat import present
-from ..lm import accuracy, predictions
+from ..lm import accuracy
 from ..text import key
 from .metrics import teacher_forced
 
@@ -34,7 +34,7 @@ def sequential(editor, ref, facts: list[dict], batches: int, size: int, batch_si
     """Per batch: {batch, n, edit_seconds, ES..., ES_first} (and the last one with
     `behaviour()`'s metrics); `ref`: the suite's `Reference` of `facts`. Every batch is
     rolled back at the end."""
-    model, tok, first = editor.model, editor.tokenizer, editor.shifter.first
+    lm = editor.shifter.lm
     out = []
     try:
         for t in range(batches):
@@ -42,7 +42,7 @@ def sequential(editor, ref, facts: list[dict], batches: int, size: int, batch_si
             editor.edit(facts[t * size:(t + 1) * size], check=False)
             seconds = time.perf_counter() - start
             n = (t + 1) * size
-            preds = {k: predictions(model, tok, present(rows[:n]), first, batch_size)
+            preds = {k: lm.predictions(present(rows[:n]), batch_size)
                      for k, rows in ref.rows.items()}
             record = {"batch": t + 1, "n": n, "edit_seconds": seconds,
                       **teacher_forced(preds["edit"], preds["rephrase"], preds["loc"],

@@ -154,7 +154,7 @@ def bench_lifelong(editor, batches: int, size: int) -> dict:
     facts = facts[:batches * size]
     if len(facts) < batches * size:
         raise ValueError(f"lifelong: {batches} x {size} facts, but only {len(facts)} distinct")
-    ed = Editor(editor.model, editor.tokenizer, editor, "bench")
+    ed = Editor(editor, "bench")
     out = {"batch_seconds": []}
     try:
         for t in range(batches):

@@ -25,7 +25,7 @@ from ..api import Editor
 from ..chat import fact_row, present
 from ..data import load_facts
 from ..editors import NoEditor
-from ..lm import forward, kl_before_after, padded, predictions, with_hidden
+from ..lm import ChatLM, forward, kl_before_after, padded
 from ..methods import get_method
 from ..models import load_model
 from ..prompts import base_responses, conversation_rows
@@ -93,13 +93,13 @@ class Reference:
     first `eval.gen_limit` facts. The unedited method's numbers at N are slices of it; every
     editor's LS compares with its loc predictions."""
 
-    def __init__(self, model, tok, pool, first, cfg):
+    def __init__(self, lm: ChatLM, pool, cfg):
         bs = cfg.eval.batch_size
-        self.rows = {k: with_hidden(model, tok, [fact_row(tok, f, k, cfg.model.system_prompt)
-                                                 for f in pool], first, bs, progress=True)
+        self.rows = {k: lm.with_hidden([fact_row(lm.tokenizer, f, k, lm.system) for f in pool],
+                                       bs, progress=True)
                      for k in ("edit", "rephrase", "loc")}
-        self.before = {k: predictions(model, tok, rs, first, bs) for k, rs in self.rows.items()}
-        self.answer = lambda: matches(model, tok, pool[:cfg.eval.gen_limit], cfg)
+        self.before = {k: lm.predictions(rs, bs) for k, rs in self.rows.items()}
+        self.answer = lambda: matches(lm.model, lm.tokenizer, pool[:cfg.eval.gen_limit], cfg)
 
     @cached_property
     def matches(self) -> list[tuple]:
@@ -135,7 +135,8 @@ def evaluate(cfg, save=None) -> list[dict]:
     def reference(dataset, first):
         if (dataset, first) not in refs:
             start = time.perf_counter()
-            refs[dataset, first] = Reference(model, tok, pools[dataset], first, cfg)
+            lm = ChatLM(model, tok, cfg.model.system_prompt, first)
+            refs[dataset, first] = Reference(lm, pools[dataset], cfg)
             print(f"reference {dataset}: {time.perf_counter() - start:.0f}s")
         return refs[dataset, first]
 
@@ -196,7 +197,7 @@ def run_sequential(cfg, model, tok, methods, pools, reference, drift, save) -> l
                             for k, v in behaviour_metrics(model, tok, drift, cfg).items()]
             continue
         behaviour = (lambda: behaviour_metrics(model, tok, drift, cfg)) if drift else None
-        for r in sequential(editor, reference(dataset, editor.shifter.first), facts,
+        for r in sequential(editor, reference(dataset, editor.lm.first), facts,
                             batches, size, cfg.eval.batch_size, behaviour):
             records += [{"method": name, "dataset": dataset, "n": r["n"], "batch": r["batch"],
                          "metric": k, "value": float(v)} for k, v in r.items()

@@ -32,8 +32,8 @@ from .. import checkpoint
 from ..chat import IGNORE, encode_pair, fact_row, fact_rows, sliced
 from ..editors import HyperEditor
 from ..evaluation.metrics import edit_metrics
-from ..lm import (forward, key_moments, kl_before_after, logits_before, padded,
-                 stack_captured, with_capture, with_final, with_hidden)
+from ..lm import (forward, kl_before_after, logits_before, padded,
+                 stack_captured)
 from ..models import kv_shape, to_kv
 from ..prompts import base_responses, conversation_rows
 from ..text import key
@@ -187,8 +187,8 @@ class MetaTrainer:
         else:
             captured = ed.capture(self.batch(list(edit_rows)))
             edit_loss = torch.tensor(float("nan"))
-            locs = {s: with_final(ed.model, ed.tokenizer, r, ed.first, len(r))
-                    for s, r in locs.items()}  # the unedited model's side of the KL
+            # the unedited model's side of the KL
+            locs = {s: ed.lm.with_final(r, len(r)) for s, r in locs.items()}
         for name, (k, d) in captured.items():
             hn.update_norm(name, k, d)
         # 2. shifts without grad, applied
@@ -285,14 +285,14 @@ def prepare_data(editor, train_facts, val_facts, loc_cfg, use_cache: bool, batch
         data.subject = subject_rows(model, tok, facts, loc_cfg.subject_tokens, system)
     if use_cache:
         def cached(rs):
-            return with_hidden(model, tok, rs, editor.first, batch_size, progress=True)
+            return editor.lm.with_hidden(rs, batch_size, progress=True)
 
         def final(rs):
-            return with_final(model, tok, rs, editor.first, batch_size, progress=True)
+            return editor.lm.with_final(rs, batch_size, progress=True)
 
         def captured(rs):
-            return with_capture(model, tok, cached(rs), editor.modules, editor.first, batch_size,
-                                progress=True, eot_rows=editor.eot_rows)
+            return editor.lm.with_capture(cached(rs), editor.modules, batch_size, progress=True,
+                                          eot_rows=editor.eot_rows)
 
         swap = float(augment.get("swap", 0.0)) > 0
         data.edit = regroup(captured(sum(data.edit, [])), data.edit)
@@ -305,8 +305,7 @@ def prepare_data(editor, train_facts, val_facts, loc_cfg, use_cache: bool, batch
     if loc_cfg is not None and editor.hypernet.has_prior:  # keys of the unrelated answers
         loc_rows = [r for r in data.nq + data.subject if r is not None]
         loc_rows += sum(data.pools.values(), [])
-        moments = key_moments(model, tok, loc_rows, editor.modules, editor.first, batch_size,
-                              progress=True)
+        moments = editor.lm.key_moments(loc_rows, editor.modules, batch_size, progress=True)
         for name, c in moments.items():
             editor.hypernet.set_prior(name, c)
     return data

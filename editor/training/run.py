@@ -22,7 +22,6 @@ from ..chat import fact_rows
 from ..data import load_facts
 from ..evaluation.metrics import answer_matches, edit_metrics, generation_metrics
 from ..files import write_json
-from ..lm import with_hidden
 from ..methods import get_method
 from ..models import edit_modules, load_model
 from .meta import (MetaTrainer, check_config, check_pool, fact_keys, memory_estimate,
@@ -158,8 +157,7 @@ def test_metrics(cfg, editor, test) -> dict:
     model, tok, system = editor.model, editor.tokenizer, cfg.model.system_prompt
     rows = fact_rows(tok, test, system)
     if cfg.train.hidden_cache:
-        rows = {k: with_hidden(model, tok, r, editor.first, cfg.train.batch_size)
-                for k, r in rows.items()}
+        rows = {k: editor.lm.with_hidden(r, cfg.train.batch_size) for k, r in rows.items()}
 
     def answers():  # greedy answers while the test edit is applied
         return generation_metrics(answer_matches(model, tok, list(test)[:cfg.train.test_gen],

@@ -89,6 +89,15 @@ def write_json(path: str | Path, obj) -> None:
     write_atomic(path, json.dumps(obj, indent=2))
 
 
+def save_figure(fig, path: str | Path, dpi: int = 100) -> None:
+    """A matplotlib figure written atomically as PNG, then closed."""
+    import matplotlib.pyplot as plt
+
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    plt.close(fig)
+
+
 @contextmanager
 def atomic_folder(path: str | Path):
     """Write a folder's files into a temporary sibling, then move them in: a new folder

@@ -103,3 +103,12 @@ def test_eval_config_gives_behaviour_suite_its_arguments(overrides):
     if "eval=full" in overrides:
         assert cfg.ifeval.limit is None and cfg.xstest.limit is None
     assert OmegaConf.structured(SuiteConfig).ifeval.limit == 100
+
+
+def test_ifeval_language_check_scores_the_same_every_time():
+    """IFEval's language check runs langdetect, which samples; scored unseeded, this text
+    is Welsh on some calls and English on others."""
+    record = {"key": 0, "prompt": "Answer in English.", "kwargs": [{"language": "en"}],
+              "instruction_id_list": ["language:response_language"]}
+    scores = {ifeval_score([record], ["1. Stay hydrated"])["prompt_strict"] for _ in range(30)}
+    assert len(scores) == 1

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..files import save_figure
+
 
 def markdown_table(rows: list[dict], cols: list[str], missing: str = "") -> str:
     """Rows as a markdown table of `cols`: floats with 3 decimals, other values as text,
@@ -84,5 +86,4 @@ def plot_records(records: list[dict], path: Path) -> None:
         ax.set_title(metric)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)

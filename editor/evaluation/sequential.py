@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 
 from ..chat import present
+from ..files import save_figure
 from ..lm import accuracy
 from ..text import key
 from .metrics import teacher_forced
@@ -77,5 +78,4 @@ def plot_retention(records: list[dict], path) -> None:
     ax.set_ylim(0, 1.02)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)

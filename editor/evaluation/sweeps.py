@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+from ..files import save_figure
 from .report import markdown_table
 
 DEFAULT_METRICS = ["val_ES", "val_GS", "val_LS", "test_ES", "test_GS", "test_LS",
@@ -73,6 +74,5 @@ def plot(records, keys, metrics, x, path: Path) -> bool:
                             for r in records], rotation=20, fontsize=8)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
     return True

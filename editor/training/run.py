@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from ..chat import fact_rows
 from ..data import load_facts
 from ..evaluation.metrics import answer_matches, edit_metrics, generation_metrics
-from ..files import write_json
+from ..files import save_figure, write_atomic, write_json
 from ..methods import get_method
 from ..models import edit_modules, load_model
 from .meta import (MetaTrainer, check_config, check_pool, fact_keys, memory_estimate,
@@ -32,7 +32,7 @@ def make_logger(cfg, out: Path, past: list[dict]):
     """Appends records to history.jsonl (rewritten from the checkpoint's history on resume,
     so steps after the last checkpoint are not doubled) and to wandb if enabled."""
     history = out / "history.jsonl"
-    history.write_text("".join(json.dumps(r) + "\n" for r in past))
+    write_atomic(history, "".join(json.dumps(r) + "\n" for r in past))
     run = None
     if cfg.wandb.enabled:
         import wandb
@@ -76,8 +76,7 @@ def plot(history: list[dict], path: Path) -> None:
     b.set_ylim(0, 1.02)
     b.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _load(cfg):

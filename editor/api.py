@@ -153,11 +153,12 @@ class Editor:
 
     def __init__(self, shifter: BaseEditor, name: str, answer_tokens: int = 24,
                  checkpoint_path=None):
-        self.shifter, self.name, self.lm = shifter, name, shifter.lm  # lm: the loaded model
+        self.shifter, self.name = shifter, name
         self.answer_tokens, self.checkpoint_path = answer_tokens, checkpoint_path
         self.history: list[EditBatch] = []
         self.fingerprint = weights_fingerprint(shifter.master)
 
+    lm = property(lambda self: self.shifter.lm)  # the loaded model (lm.ChatLM)
     model = property(lambda self: self.lm.model)
     tokenizer = property(lambda self: self.lm.tokenizer)
 

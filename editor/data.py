@@ -65,7 +65,7 @@ class Fact:
     id: str = ""
 
     def __post_init__(self):
-        """Validated and normalised once (`text.clean`), for every entry point."""
+        """Validated and normalised once (`text.check_text`), for every entry point."""
         where = f"fact {self.id}" if self.id else f"fact {self.prompt!r}"
         self.prompt = check_text(self.prompt, f"{where}: prompt")
         self.target = check_text(self.target, f"{where}: target")

@@ -32,8 +32,7 @@ from .. import checkpoint
 from ..chat import IGNORE, encode_pair, fact_row, fact_rows, sliced
 from ..editors import HyperEditor
 from ..evaluation.metrics import edit_metrics
-from ..lm import (forward, kl_before_after, logits_before, padded,
-                 stack_captured)
+from ..lm import forward, kl_before_after, logits_before, padded, stack_captured
 from ..models import kv_shape, to_kv
 from ..prompts import base_responses, conversation_rows
 from ..text import key

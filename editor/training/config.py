@@ -48,7 +48,7 @@ class TrainConfig:
     batch_size: int = option(32, "rows per forward when caching and evaluating")
     train_facts: int | None = option(None, "meta-train on the first this many training facts "
                                      "(null: all)")
-    test_facts: int = option(128, "final check: this many test facts edited at once")
+    test_facts: int = option(128, "final check: this many test facts edited at once (0: none)")
     test_gen: int = option(128, "... with ES_gen / GS_gen (greedy answers) on this many")
     answer_tokens: int = option(16, "greedy tokens per answer for ES_gen / GS_gen")
     resume_from: str | None = option(None, "a checkpoint.safetensors to resume (a run folder "

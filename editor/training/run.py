@@ -116,7 +116,8 @@ def run(cfg, out: Path) -> dict:
     facts = {s: load_facts(cfg.data.name, s, val_size=cfg.data.val_size, seed=cfg.data.seed,
                            limit=cfg.train.train_facts if s == "train" else None)
              for s in ("train", "validation")}
-    test = load_facts(cfg.data.name, "test", limit=cfg.train.test_facts)
+    test = (load_facts(cfg.data.name, "test", limit=cfg.train.test_facts)
+            if cfg.train.test_facts else None)  # 0: no final check on the test split
     if trained:
         check_pool(cfg.train.n_edits, fact_keys(facts["train"]))
     editor = method.editor.from_config(model, tok, modules, config, system)
@@ -146,7 +147,8 @@ def run(cfg, out: Path) -> dict:
             wandb_run.finish()
     else:
         metrics.update({f"val_{k}": v for k, v in edit_metrics(editor, data.val).items()})
-    metrics.update(test_metrics(cfg, editor, test))
+    if test is not None:
+        metrics.update(test_metrics(cfg, editor, test))
     write_json(out / "metrics.json", metrics)
     return metrics
 

@@ -144,7 +144,7 @@ def test_evaluate_script_sequential_protocol_on_tiny_llama(tmp_path, tiny_llama_
     (editors / "malmen-chat").mkdir(parents=True)
     shutil.copy(tiny_llama_checkpoint, editors / "malmen-chat" / "checkpoint.safetensors")
     ckpt = editors / "malmen-chat" / "checkpoint.safetensors"
-    run("evaluate.py", "model=tiny-llama", "eval.sequential={batches:3,size:4}",
+    run("evaluate.py", "model=tiny-llama", "eval.sequential={batches:3,size:4,every:2}",
         "eval.datasets=[zsre]", "eval.behaviour_ns=[]", "~methods.malmen-nq", "~methods.mend",
         f"+methods.malmen-stacked={{rule:malmen,checkpoint:{ckpt},joint:false}}",
         "methods.ft.steps=2", "methods.memit.v_steps=3", "methods.alphaedit.v_steps=3",
@@ -157,8 +157,11 @@ def test_evaluate_script_sequential_protocol_on_tiny_llama(tmp_path, tiny_llama_
     for method in methods:
         first = sorted((r["batch"], r["n"], r["value"]) for r in records
                        if r["method"] == method and r["metric"] == "ES_first")
-        assert [(b, n) for b, n, _ in first] == [(1, 4), (2, 8), (3, 12)]
+        assert [(b, n) for b, n, _ in first] == [(2, 8), (3, 12)]  # every 2nd and the last
+        seconds = [r["batch"] for r in records
+                   if r["method"] == method and r["metric"] == "edit_seconds"]
+        assert sorted(seconds) == [1, 2, 3]
         assert all(0 <= v <= 1 for *_, v in first)
         ls = [r["value"] for r in records if r["method"] == method and r["metric"] == "LS"]
-        assert len(ls) == 3 and all(0 <= v <= 1 for v in ls)
+        assert len(ls) == 2 and all(0 <= v <= 1 for v in ls)
     assert (tmp_path / "eval" / "retention.png").exists()

@@ -15,6 +15,8 @@ class SequentialConfig:
 
     batches: int = option(0, "T, batches edited one after another (0: off)")
     size: int = option(100, "N, facts per batch")
+    every: int = option(1, "measure the facts edited so far after every this many batches "
+                        "and after the last (the edit time of every batch is recorded)")
 
 
 @dataclass

@@ -31,10 +31,10 @@ def distinct(facts: list[dict]) -> list[dict]:
 
 
 def sequential(editor, ref, facts: list[dict], batches: int, size: int, batch_size: int,
-               behaviour=None) -> list[dict]:
-    """Per batch: {batch, n, edit_seconds, ES..., ES_first} (and the last one with
-    `behaviour()`'s metrics); `ref`: the suite's `Reference` of `facts`. Every batch is
-    rolled back at the end."""
+               behaviour=None, every: int = 1) -> list[dict]:
+    """Per batch: {batch, n, edit_seconds} and, after every `every`-th batch and the last,
+    ES..., ES_first (the last one also with `behaviour()`'s metrics); `ref`: the suite's
+    `Reference` of `facts`. Every batch is rolled back at the end."""
     lm = editor.shifter.lm
     out = []
     try:
@@ -43,6 +43,10 @@ def sequential(editor, ref, facts: list[dict], batches: int, size: int, batch_si
             editor.edit(facts[t * size:(t + 1) * size], check=False)
             seconds = time.perf_counter() - start
             n = (t + 1) * size
+            if (t + 1) % every and t < batches - 1:
+                out.append({"batch": t + 1, "n": n, "edit_seconds": seconds})
+                print(f"batch {t + 1}/{batches}: edit_seconds {seconds:.3f}")
+                continue
             preds = {k: lm.predictions(present(rows[:n]), batch_size)
                      for k, rows in ref.rows.items()}
             record = {"batch": t + 1, "n": n, "edit_seconds": seconds,

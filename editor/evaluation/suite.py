@@ -180,7 +180,10 @@ def evaluate(cfg, save=None) -> list[dict]:
 def run_sequential(cfg, model, tok, methods, pools, reference, drift, save) -> list[dict]:
     """`eval.sequential` ({batches: T, size: N}) on the first dataset, every method but the
     unedited one (`sequential.py`); `save(records)` after each method."""
-    batches, size = int(cfg.eval.sequential.batches), int(cfg.eval.sequential.size)
+    seq = cfg.eval.sequential
+    batches, size, every = int(seq.batches), int(seq.size), int(seq.get("every", 1))
+    if every < 1:
+        raise ValueError(f"eval.sequential.every must be a number of batches >= 1, not {every}")
     dataset = cfg.eval.datasets[0]
     facts = distinct(pools[dataset])  # one prompt, one target across batches
     if batches * size > len(facts):
@@ -198,7 +201,7 @@ def run_sequential(cfg, model, tok, methods, pools, reference, drift, save) -> l
             continue
         behaviour = (lambda: behaviour_metrics(model, tok, drift, cfg)) if drift else None
         for r in sequential(editor, reference(dataset, editor.lm.first), facts,
-                            batches, size, cfg.eval.batch_size, behaviour):
+                            batches, size, cfg.eval.batch_size, behaviour, every):
             records += [{"method": name, "dataset": dataset, "n": r["n"], "batch": r["batch"],
                          "metric": k, "value": float(v)} for k, v in r.items()
                         if k not in ("n", "batch")]

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -61,7 +63,9 @@ def test_edit_script_trains_and_caches_a_quick_editor(tmp_path):
     second = run(*args, f"hydra.run.dir={tmp_path / 'b'}", cwd=tmp_path, env=env)
     assert "meta-training one" not in second  # cached
     rows = json.loads((tmp_path / "b" / "answers.json").read_text())
-    assert len(rows) == 2 + 2 + 3 and rows[0]["target"] == "Wang Chonghua"
+    unrelated = OmegaConf.load(ROOT / "conf" / "edit.yaml").unrelated
+    assert len(rows) == 2 + 2 + len(unrelated) and rows[0]["target"] == "Wang Chonghua"
+    assert [r["prompt"] for r in rows if r["kind"] == "unrelated"] == list(unrelated)
 
 
 def test_bench_script_on_tiny_llama(tmp_path):

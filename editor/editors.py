@@ -154,6 +154,9 @@ class HyperConfig:
     init_log_mu: float = option(4.0, "initial per-layer log mu, the prior's weight (learned)")
     step_scale: float = option(1.0, "test-time multiplier of the learned step size "
                                "(meta-training uses 1)", test_time=True)
+    couple: bool = option(False, "MALMEN: the edited modules of one shape share one solve, "
+                          "sum_l K_l S_l = sum_l D_l (rank up to L d_k, not d_k: for more key "
+                          "rows than one module's d_k)", test_time=True)
     joint: bool = option(True, "MALMEN, editing on top of earlier edits: re-solve jointly with "
                          "the earlier batches' statistics (K^T K, K^T D, rows; captured on "
                          "the unedited weights), as if all were edited at once; false: stack "
@@ -181,6 +184,7 @@ class MendConfig(HyperConfig):
 def build_hypernet(modules: dict, config: HyperConfig) -> HyperNetwork:
     prior = {"prior": True, "log_mu": config.init_log_mu} if config.prior else {}
     return HyperNetwork({n: kv_shape(m) for n, m in modules.items()}, rule=config.rule,
+                        couple=config.couple,
                         rank=config.rank, n_blocks=config.n_blocks, lr=config.init_step_size,
                         log_lam=config.init_log_lam, reg_rows=config.reg_rows, **prior)
 
@@ -221,6 +225,7 @@ class HyperEditor(BaseEditor):
                                  f"modules {shapes} (mismatched: {wrong[:3]})")
             hypernet.load_state_dict(state)
         hypernet.reg_rows = config.reg_rows  # checked: a positive number of rows or None
+        hypernet.couple = config.couple
         hypernet.to(next(model.parameters()).device)
         return cls(model, tokenizer, modules, hypernet, system,
                    solve_dtype=DTYPES[config.solve_dtype], hyper_chunk=config.hyper_chunk,
@@ -238,38 +243,76 @@ class HyperEditor(BaseEditor):
         keys and value gradients captured on the unedited weights, and the shift that takes
         the earlier batches' joint solve S(prev) to the joint solve of all, S(prev + this)
         (so the weights, master + the sum of the batches' shifts, equal one edit of every
-        fact to float tolerance); `stats` keeps this batch's statistics (with `keep_stats`)."""
+        fact to float tolerance); `stats` keeps this batch's statistics (with `keep_stats`):
+        per module K^T K, K^T D and the rows, or with `couple` each module's keys and each
+        group's summed D (the coupled solve needs the rows themselves)."""
+        hn = self.hypernet
         keep = self.joint and self.keep_stats
         joint = keep and bool(self.applied)
-        if joint and not all(f"{n}:rows" in b for b in self.applied for n in self.modules):
-            warnings.warn("an earlier batch has no statistics (edited with joint=false, or "
-                          "saved without them): this batch is stacked, not solved jointly",
-                          stacklevel=3)
+        kind = "keys" if hn.couple else "ktk"
+        if joint and not all(f"{n}:{kind}" in b for b in self.applied for n in self.modules):
+            warnings.warn("an earlier batch has no statistics of this solve (edited with "
+                          "joint=false, saved without them, or with couple set otherwise): "
+                          "this batch is stacked, not solved jointly", stacklevel=3)
             joint = False
         if captured is None:
             with self.unedited() if joint else nullcontext():
                 captured = self.capture(batch)
             lap("capture")
-        hn, shifts, self.stats = self.hypernet, {}, {}
+        self.stats = {}
         with torch.no_grad():
-            for name, (k, d) in captured.items():
-                if not keep:
-                    shifts[name] = self.step_scale * hn.shift(
-                        name, k, d, self.solve_dtype, self.hyper_chunk, lap=lap)
-                    continue
-                values = hn.values(name, k, d, self.hyper_chunk)
-                lap("hypernetwork")
-                stats = hn.statistics(k, values)
-                self.stats.update({f"{name}:{p}": t.cpu() for p, t in stats.items()})
-                if joint:
-                    prev = summed(self.applied, name)
-                    new = {p: prev[p] + stats[p].to(prev[p]) for p in prev}
-                    shift = hn.solve_statistics(name, to(new, k), self.solve_dtype) \
-                        - hn.solve_statistics(name, to(prev, k), self.solve_dtype)
-                else:  # the first batch: its own solve, as for any single edit
-                    shift = hn.solve_values(name, k, values, self.solve_dtype)
-                lap("solve")
-                shifts[name] = self.step_scale * shift
+            if not keep:
+                shifts = hn.shifts(captured, self.solve_dtype, self.hyper_chunk, lap=lap)
+            elif hn.couple:
+                shifts = self.coupled_joint(captured, joint, lap)
+            else:
+                shifts = self.module_joint(captured, joint, lap)
+        return {n: self.step_scale * s for n, s in shifts.items()}
+
+    def module_joint(self, captured, joint: bool, lap) -> dict[str, torch.Tensor]:
+        """Per-module solves from K^T K, K^T D and the rows (summed with `applied`'s)."""
+        hn, shifts = self.hypernet, {}
+        for name, (k, d) in captured.items():
+            values = hn.values(name, k, d, self.hyper_chunk)
+            lap("hypernetwork")
+            stats = hn.statistics(k, values)
+            self.stats.update({f"{name}:{p}": t.cpu() for p, t in stats.items()})
+            if joint:
+                prev = summed(self.applied, name)
+                new = {p: prev[p] + stats[p].to(prev[p]) for p in prev}
+                shifts[name] = hn.solve_statistics(name, to(new, k), self.solve_dtype) \
+                    - hn.solve_statistics(name, to(prev, k), self.solve_dtype)
+            else:  # the first batch: its own solve, as for any single edit
+                shifts[name] = hn.solve_values(name, k, values, self.solve_dtype)
+            lap("solve")
+        return shifts
+
+    def coupled_joint(self, captured, joint: bool, lap) -> dict[str, torch.Tensor]:
+        """Coupled solves (`HyperNetwork.couple`) over this batch's rows and, jointly, the
+        rows of the batches in `applied` (their keys and summed D, kept in order)."""
+        hn, shifts = self.hypernet, {}
+        for group in hn.groups(captured):
+            keys = [captured[n][0] for n in group]
+            values = sum(hn.values(n, *captured[n], self.hyper_chunk) for n in group)
+            lap("hypernetwork")
+            self.stats.update({f"{n}:keys": k.float().cpu() for n, k in zip(group, keys)})
+            self.stats.update({f"{n}:rows": torch.tensor([k.shape[0]], dtype=torch.float64)
+                               for n, k in zip(group, keys)})
+            self.stats[f"{group[0]}:values"] = values.float().cpu()
+            new = hn.solve_coupled(group, keys, values, self.solve_dtype)
+            if joint:
+                def rows(part, names, like):
+                    return [torch.cat([b[f"{n}:{part}"] for b in self.applied]).to(like)
+                            for n in names]
+
+                prev_keys, (prev_values,) = rows("keys", group, keys[0]), \
+                    rows("values", group[:1], values)
+                new = hn.solve_coupled(group, [torch.cat(p) for p in zip(prev_keys, keys)],
+                                       torch.cat([prev_values, values]), self.solve_dtype)
+                old = hn.solve_coupled(group, prev_keys, prev_values, self.solve_dtype)
+                new = [a - b for a, b in zip(new, old)]
+            shifts.update(zip(group, new))
+            lap("solve")
         return shifts
 
 

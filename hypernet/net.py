@@ -13,6 +13,9 @@ Shift rules, for one module with keys K (n x d_k) and value gradients Delta (n x
 With `prior=True` (MALMEN only), each layer also holds a key prior C_l (d_k x d_k, set by
 `set_prior`, saved with the network) and a learned weight mu_l = exp(log_mu[l]): the solve
 adds mu_l ||C_l^1/2 S||^2, keeping the outputs on C_l's keys where they were.
+With `couple` (MALMEN only), the modules of one shape share one solve (`solve.py`,
+coupled): sum_l K_l S_l = sum_l D_l, fitted by all their S_l together, so the fit has rank
+up to L d_k instead of d_k (the down_proj of L blocks all write the residual stream).
 With `reg_rows` = r, lambda_l and mu_l are the weights per r rows: the solve uses
 (n / r) lambda_l and (n / r) mu_l for n rows, so the regularisers keep their weight
 against K^T K (which grows with n) whatever the number of facts.
@@ -30,7 +33,8 @@ import math
 import torch
 from torch import nn
 
-from .solve import (Factor, diagnostics, factorize, least_squares, solve, solve_backward,
+from .solve import (Factor, coupled_backward, coupled_diagnostics, coupled_factorize,
+                    coupled_solve, diagnostics, factorize, least_squares, solve, solve_backward,
                     solve_gram)
 
 
@@ -123,6 +127,61 @@ class EditorNet(nn.Module):
         log_mu = None if self.prior is None else self.log_mu[layer] + scale
         return self.log_lam[layer] + scale, log_mu
 
+    def coupled_factor(self, keys: list, layers: list[int], dtype=torch.float32):
+        """The coupled solve's factors for keys K_l of `layers` (no grad)."""
+        with torch.no_grad():
+            weights = [self.log_weights(layer, keys[0].shape[0]) for layer in layers]
+            priors = None if self.prior is None else [self.prior[layer] for layer in layers]
+            mus = None if self.prior is None else [mu.exp() for _, mu in weights]
+            return coupled_factorize(keys, [lam.exp() for lam, _ in weights], dtype, priors, mus)
+
+    def coupled_shift(self, keys: list, grads: list, layers: list[int], dtype=torch.float32,
+                      chunk: int | None = None, cache: dict | None = None,
+                      lap=None) -> list[torch.Tensor]:
+        """[S_l] of one coupled solve over modules `layers`: sum_l K_l S_l = sum_l D_l
+        (no grad); `cache` keeps the factor and D for `coupled_backward`."""
+        with torch.no_grad():
+            values = sum(self.values(k, g, layer, chunk)
+                         for k, g, layer in zip(keys, grads, layers))
+            if lap is not None:
+                lap("hypernetwork")
+            factor = self.coupled_factor(keys, layers, dtype)
+            shifts = coupled_solve(factor, values)
+        if cache is not None:
+            cache.update(factor=factor, shifts=shifts)
+        if lap is not None:
+            lap("solve")
+        return [s.to(values.dtype) for s in shifts]
+
+    def coupled_backward(self, keys: list, grads: list, layers: list[int], grad_shifts: list,
+                         dtype=torch.float32, chunk: int | None = None,
+                         cache: dict | None = None) -> None:
+        """Accumulate d(sum_l <G_l, S_l(theta)>)/dtheta into .grad: dL/dD from the coupled
+        solve's backward (every module's D_l gets it, as D is their sum), then the proxy
+        per module, `chunk` rows at a time."""
+        cache = cache or {}
+        factor, shifts = cache.get("factor"), cache.get("shifts")
+        if factor is None:
+            shifts = None
+            factor = self.coupled_factor(keys, layers, dtype)
+        if shifts is None:
+            with torch.no_grad():
+                values = sum(self.values(k, g, layer, chunk)
+                             for k, g, layer in zip(keys, grads, layers))
+                shifts = coupled_solve(factor, values)
+        grad_values, d_lam, d_mu = coupled_backward(factor, shifts, grad_shifts)
+        scalars = []
+        for layer, gl, gm in zip(layers, d_lam, d_mu):
+            log_lam, log_mu = self.log_weights(layer, keys[0].shape[0])
+            scalars += [(log_lam, gl)] + ([] if log_mu is None else [(log_mu, gm)])
+        torch.autograd.backward([p for p, _ in scalars], [g.to(p) for p, g in scalars])
+        for k_l, g_l, layer in zip(keys, grads, layers):
+            start = 0
+            for k, g in chunks(k_l, g_l, chunk):
+                part = grad_values[start:start + k.shape[0]].to(k.dtype)
+                (self.value_shifts(k, g, layer) * part).sum().backward()
+                start += k.shape[0]
+
     def solve(self, keys, values, layer: int, dtype=torch.float32) -> torch.Tensor:
         """S (d_k x d_v) from desired value shifts, solved jointly over all tokens."""
         log_lam, log_mu = self.log_weights(layer, keys.shape[0])
@@ -214,7 +273,8 @@ class HyperNetwork(nn.Module):
     `shapes` maps module names to (d_k, d_v); the order of names fixes each module's
     layer index within its shape."""
 
-    def __init__(self, shapes: dict[str, tuple[int, int]], rule: str = "malmen", **net_kwargs):
+    def __init__(self, shapes: dict[str, tuple[int, int]], rule: str = "malmen",
+                 couple: bool = False, **net_kwargs):
         super().__init__()
         if rule not in SHIFT_RULES:
             raise ValueError(f"unknown shift rule {rule!r}; choose one of {sorted(SHIFT_RULES)}")
@@ -222,6 +282,7 @@ class HyperNetwork(nn.Module):
             raise ValueError(f"a key prior needs the least-squares solve (rule 'malmen'), "
                              f"not {rule!r}")
         self.rule = rule
+        self.couple = couple
         self.shapes = {name: tuple(int(s) for s in shape) for name, shape in shapes.items()}
         self.index, counts = {}, {}
         for name, shape in self.shapes.items():
@@ -253,6 +314,60 @@ class HyperNetwork(nn.Module):
             raise ValueError(f"reg_rows must be a positive number of rows or None, not {rows}")
         for net in self.nets.values():
             net.reg_rows = None if rows is None else int(rows)
+
+    @property
+    def couple(self) -> bool:
+        """Whether the modules of one shape share one solve (MALMEN only)."""
+        return self._couple
+
+    @couple.setter
+    def couple(self, value: bool) -> None:
+        if value and self.rule != "malmen":
+            raise ValueError(f"coupling modules needs the least-squares solve (rule 'malmen'), "
+                             f"not {self.rule!r}")
+        self._couple = bool(value)
+
+    def groups(self, names) -> list[list[str]]:
+        """`names` in solve groups: one per shape when coupled, else one per module."""
+        if not self.couple:
+            return [[n] for n in names]
+        by_shape: dict[tuple, list[str]] = {}
+        for n in names:
+            by_shape.setdefault(self.shapes[n], []).append(n)
+        return list(by_shape.values())
+
+    def shifts(self, captured: dict, dtype=torch.float32, chunk: int | None = None,
+               caches: dict | None = None, lap=None) -> dict[str, torch.Tensor]:
+        """{name: S} for every module of `captured` ({name: (keys, value gradients)}), per
+        module or coupled (`couple`); `caches` ({name: dict}) keeps what `backward_all`
+        reuses."""
+        out = {}
+        for group in self.groups(captured):
+            cache = None if caches is None else caches[group[0]]
+            if len(group) == 1 and not self.couple:
+                name = group[0]
+                out[name] = self.shift(name, *captured[name], dtype, chunk, cache, lap)
+                continue
+            net = self.net(group[0])
+            out.update(zip(group, net.coupled_shift(
+                [captured[n][0] for n in group], [captured[n][1] for n in group],
+                [self.index[n] for n in group], dtype, chunk, cache, lap)))
+        return out
+
+    def backward_all(self, captured: dict, grad_shifts: dict, dtype=torch.float32,
+                     chunk: int | None = None, caches: dict | None = None) -> None:
+        """Accumulate the gradient of sum_name <grad_shifts[name], shifts(captured)[name]>
+        into the parameters' .grad (`caches`: what `shifts` kept)."""
+        for group in self.groups(captured):
+            cache = None if caches is None else caches[group[0]]
+            if len(group) == 1 and not self.couple:
+                name = group[0]
+                self.backward(name, *captured[name], grad_shifts[name], dtype, chunk, cache)
+                continue
+            self.net(group[0]).coupled_backward(
+                [captured[n][0] for n in group], [captured[n][1] for n in group],
+                [self.index[n] for n in group], [grad_shifts[n] for n in group], dtype,
+                chunk, cache)
 
     @property
     def solves(self) -> bool:
@@ -309,6 +424,15 @@ class HyperNetwork(nn.Module):
         return self.net(name).solve(keys, values, self.index[name], dtype)
 
     @torch.no_grad()
+    def solve_coupled(self, names: list[str], keys: list, values,
+                      dtype=torch.float32) -> list[torch.Tensor]:
+        """The coupled solve's [S_l] of modules `names` (one shape) from their keys and the
+        summed desired value shifts D (n x d_v)."""
+        net = self.net(names[0])
+        factor = net.coupled_factor(keys, [self.index[n] for n in names], dtype)
+        return [s.to(values.dtype) for s in coupled_solve(factor, values)]
+
+    @torch.no_grad()
     def solve_statistics(self, name: str, stats: dict[str, torch.Tensor],
                          dtype=torch.float32) -> torch.Tensor:
         """S (d_k x d_v) of the joint solve whose statistics are `stats` (`statistics`,
@@ -317,6 +441,28 @@ class HyperNetwork(nn.Module):
         log_lam, log_mu = net.log_weights(layer, int(stats["rows"].item()))
         prior = {} if log_mu is None else {"prior": net.prior[layer], "mu": log_mu.exp()}
         return solve_gram(stats["ktk"], stats["ktd"], log_lam.exp(), dtype, **prior)
+
+    @torch.no_grad()
+    def diagnose_all(self, captured: dict, chunk: int | None = None) -> list[dict]:
+        """`diagnose` of every solve: per module, or per coupled group (`couple`), each
+        record naming its modules."""
+        out = []
+        for group in self.groups(captured):
+            if not self.couple:
+                out.append({"modules": group, **self.diagnose(group[0], *captured[group[0]],
+                                                                chunk)})
+                continue
+            net, layers = self.net(group[0]), [self.index[n] for n in group]
+            n = captured[group[0]][0].shape[0]
+            weights = [net.log_weights(layer, n) for layer in layers]
+            priors = None if net.prior is None else [net.prior[layer] for layer in layers]
+            mus = None if net.prior is None else [mu.exp() for _, mu in weights]
+            values = sum(net.values(*captured[name], layer, chunk)
+                         for name, layer in zip(group, layers))
+            out.append({"modules": group, **coupled_diagnostics(
+                [captured[name][0] for name in group], values,
+                [lam.exp() for lam, _ in weights], priors, mus)})
+        return out
 
     @torch.no_grad()
     def diagnose(self, name: str, keys, grads, chunk: int | None = None) -> dict[str, float]:

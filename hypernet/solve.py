@@ -158,3 +158,109 @@ def diagnostics(keys, values, lam, prior=None, mu=None) -> dict[str, float]:
             "leverage": leverage.item(),
             "fp32_vs_fp64": ((approx.double() - exact).norm()
                              / exact.norm().clamp_min(1e-30)).item()}
+
+
+# ------------------------------------------------------------------ coupled across modules
+#
+# Modules whose outputs add into the same stream (the down_proj of several blocks all write
+# the residual) can share one solve: find S_1..S_L with
+#
+#     min ||sum_l K_l S_l - D||^2 + sum_l tr(S_l^T R_l S_l),   R_l = lam_l I + mu_l C_l,
+#
+# D = sum_l D_l the value shift all modules together were asked for (rows are the same
+# tokens at every module). Setting the gradient to zero gives S_l = R_l^-1 K_l^T a, with the
+# residual a = D - sum_l K_l S_l = B^-1 D and B = I + sum_l K_l R_l^-1 K_l^T (n x n). One
+# module alone gives the ridge solve above (Woodbury). The fit has rank up to L d_k instead
+# of d_k: n rows beyond one module's d_k can still be met. Backward, with G_l = dL/dS_l:
+#
+#     dL/dD = g = B^-1 sum_l K_l R_l^-1 G_l,      M_l = R_l^-1 (G_l - K_l^T g),
+#     dL/dlog(lam_l) = -lam_l <M_l, S_l>,          dL/dlog(mu_l) = -mu_l <M_l, C_l S_l>.
+
+
+@dataclass
+class CoupledFactor:
+    """What the coupled solve and its backward reuse: per module the Cholesky factor of R_l
+    and W_l = R_l^-1 K_l^T (d_k x n), and the Cholesky factor of B (n x n)."""
+
+    chol_b: torch.Tensor
+    chol_r: list[torch.Tensor]
+    proj: list[torch.Tensor]  # W_l
+    keys: list[torch.Tensor]
+    lams: list[torch.Tensor]
+    priors: list[torch.Tensor | None]
+    mus: list[torch.Tensor | None]
+
+
+def coupled_factorize(keys: list[torch.Tensor], lams, dtype=torch.float32, priors=None,
+                      mus=None) -> CoupledFactor:
+    """Factors of the coupled solve over modules with keys K_l (n x d_k_l, the same n rows),
+    ridge weights lam_l and optional key priors C_l with weights mu_l."""
+    if not keys or any(k.ndim != 2 or k.shape[0] != keys[0].shape[0] for k in keys):
+        raise ValueError(f"coupled keys must be n x d_k with the same n rows, got shapes "
+                         f"{[tuple(k.shape) for k in keys]}")
+    priors = list(priors) if priors is not None else [None] * len(keys)
+    mus = list(mus) if mus is not None else [None] * len(keys)
+    n, device = keys[0].shape[0], keys[0].device
+    b = torch.eye(n, dtype=dtype, device=device)
+    chol_r, proj, ks, lam_t, mu_t = [], [], [], [], []
+    for k, lam, prior, mu in zip(keys, lams, priors, mus):
+        k = k.to(dtype)
+        lam = torch.as_tensor(lam, dtype=dtype, device=device).reshape(())
+        r = torch.diag(lam.expand(k.shape[1]))
+        if prior is not None:
+            mu = torch.as_tensor(mu, dtype=dtype, device=device).reshape(())
+            r = r + mu * prior.to(dtype)
+        chol, info = torch.linalg.cholesky_ex(r)
+        if info.item() != 0:
+            raise FloatingPointError(f"ridge matrix lam I + mu C is not positive definite "
+                                     f"(lambda={lam.item():.3g})")
+        w = torch.cholesky_solve(k.T.contiguous(), chol)
+        b += k @ w
+        chol_r.append(chol), proj.append(w), ks.append(k), lam_t.append(lam), mu_t.append(mu)
+    chol_b, info = torch.linalg.cholesky_ex(b)
+    if info.item() != 0:
+        raise FloatingPointError("coupled least-squares matrix is not positive definite; keys "
+                                 "contain NaN/Inf (try float64)")
+    return CoupledFactor(chol_b, chol_r, proj, ks, lam_t, priors, mu_t)
+
+
+def coupled_solve(factor: CoupledFactor, values: torch.Tensor) -> list[torch.Tensor]:
+    """[S_l] (d_k x d_v each) from the summed desired value shifts D (n x d_v)."""
+    a = torch.cholesky_solve(values.to(factor.chol_b.dtype), factor.chol_b)
+    return [w @ a for w in factor.proj]
+
+
+def coupled_backward(factor: CoupledFactor, shifts, grads):
+    """(dL/dD, [dL/dlog lam_l], [dL/dlog mu_l or None]) from G_l = dL/dS_l and S_l."""
+    grads = [g.to(factor.chol_b.dtype) for g in grads]
+    g = torch.cholesky_solve(sum(w.T @ gl for w, gl in zip(factor.proj, grads)), factor.chol_b)
+    d_lam, d_mu = [], []
+    for k, chol, gl, s, lam, prior, mu in zip(factor.keys, factor.chol_r, grads, shifts,
+                                             factor.lams, factor.priors, factor.mus):
+        m = torch.cholesky_solve(gl - k.T @ g, chol)
+        s = s.to(m.dtype)
+        d_lam.append(-lam * (m * s).sum())
+        d_mu.append(None if prior is None else -mu * (m * (prior.to(m.dtype) @ s)).sum())
+    return g, d_lam, d_mu
+
+
+def coupled_leverage(factor: CoupledFactor) -> float:
+    """tr(H) / n with H = Q (I + Q)^-1, Q = sum_l K_l R_l^-1 K_l^T: the mean share of its
+    requested shift each row gets (1: all of it)."""
+    n = factor.chol_b.shape[0]
+    eye = torch.eye(n, dtype=factor.chol_b.dtype, device=factor.chol_b.device)
+    return (1 - torch.cholesky_solve(eye, factor.chol_b).diagonal().sum() / n).item()
+
+
+def coupled_diagnostics(keys: list, values, lams, priors=None, mus=None) -> dict[str, float]:
+    """`diagnostics` of the coupled solve: residual ||sum_l K_l S_l - D|| / ||D||, mean
+    leverage tr(Q (I + Q)^-1) / n and float32 against float64 of the S_l."""
+    exact_factor = coupled_factorize([k.double() for k in keys], lams, torch.float64, priors, mus)
+    exact = coupled_solve(exact_factor, values)
+    approx = coupled_solve(coupled_factorize(keys, lams, torch.float32, priors, mus), values)
+    d = values.double()
+    fit = sum(k.double() @ s for k, s in zip(keys, exact))
+    diff = sum((a.double() - s).norm() ** 2 for a, s in zip(approx, exact)) ** 0.5
+    return {"residual": ((fit - d).norm() / d.norm().clamp_min(1e-30)).item(),
+            "leverage": coupled_leverage(exact_factor),
+            "fp32_vs_fp64": (diff / sum(s.norm() ** 2 for s in exact) ** 0.5).item()}

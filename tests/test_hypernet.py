@@ -255,6 +255,108 @@ def test_solve_diagnostics():
     net = HyperNetwork({"a": (12, 5)}, rank=4, lr=0.1, prior=True).double()
     net.set_prior("a", unrelated_keys()[1])
     assert set(net.diagnose("a", many[0], many[1], chunk=7)) == set(exact)
+    # two modules sharing one solve fit 60 rows that each alone (d_k = 12) cannot
+    pair = HyperNetwork({"a": (12, 5), "b": (12, 5)}, rank=4, lr=0.1, log_lam=-8.0).double()
+    captured = {"a": many[:2], "b": (problem(61)[0][:60], many[1])}
+    alone = pair.diagnose_all(captured)
+    pair.couple = True
+    (coupled,) = pair.diagnose_all(captured)
+    assert [r["modules"] for r in alone] == [["a"], ["b"]] and coupled["modules"] == ["a", "b"]
+    assert coupled["leverage"] > 1.5 * max(r["leverage"] for r in alone)
+    assert coupled["residual"] < min(r["residual"] for r in alone)
+
+
+def coupled_problem(n, layers=3, d_k=12, d_v=5):
+    g = torch.Generator().manual_seed(100 + n)
+    keys = [torch.randn(n, d_k, generator=g, dtype=F64) for _ in range(layers)]
+    priors = [unrelated_keys(seed=10 + i)[1] for i in range(layers)]
+    return keys, torch.randn(n, d_v, generator=g, dtype=F64), priors
+
+
+@pytest.mark.parametrize("n", [20, 50])  # fewer and more rows than one module's d_k
+def test_coupled_solve_is_the_ridge_solve_over_concatenated_keys(n):
+    """The coupled solve equals min ||[K_1..K_L] [S_1; ..; S_L] - D||^2 + sum tr(S^T R S)
+    from the normal equations; its backward (D, log lam, log mu) matches autograd through
+    them; one module gives the per-module ridge solve; the coupled fit leaves a smaller
+    residual than any module alone when n > d_k."""
+    from hypernet.solve import coupled_backward, coupled_factorize, coupled_solve
+
+    keys, values, priors = coupled_problem(n)
+    log_lam = torch.tensor([0.3, -0.5, 1.0], dtype=F64, requires_grad=True)
+    log_mu = torch.tensor([-1.0, 0.2, 0.0], dtype=F64, requires_grad=True)
+    d = values.clone().requires_grad_()
+    ridge = torch.block_diag(*[a.exp() * torch.eye(12, dtype=F64) + b.exp() * c
+                               for a, b, c in zip(log_lam, log_mu, priors)])
+    k = torch.cat(keys, 1)
+    expected = torch.linalg.solve(k.T @ k + ridge, k.T @ d)
+    weights = torch.randn(expected.shape, generator=torch.Generator().manual_seed(5), dtype=F64)
+    (expected * weights).sum().backward()
+    factor = coupled_factorize(keys, log_lam.detach().exp(), F64, priors, log_mu.detach().exp())
+    shifts = coupled_solve(factor, values)
+    assert torch.allclose(torch.cat(shifts), expected, atol=1e-10)
+    g, d_lam, d_mu = coupled_backward(factor, shifts, weights.split(12))
+    assert torch.allclose(g, d.grad, atol=1e-10)
+    assert torch.allclose(torch.stack(d_lam), log_lam.grad, atol=1e-10)
+    assert torch.allclose(torch.stack(d_mu), log_mu.grad, atol=1e-10)
+    one = coupled_solve(coupled_factorize(keys[:1], [0.7], F64, priors[:1], [2.0]), values)[0]
+    assert torch.allclose(one, solve(factorize(keys[0], 0.7, F64, prior=priors[0], mu=2.0),
+                                      values), atol=1e-10)
+    small = [1e-6] * 3
+    fit = sum(kk @ s for kk, s in zip(keys, coupled_solve(
+        coupled_factorize(keys, small, F64), values)))
+    alone = [kk @ solve(factorize(kk, 1e-6, F64), values) for kk in keys]
+    residual = [(f - values).norm() / values.norm() for f in [fit, *alone]]
+    assert (residual[0] < 1e-4) == (n < 36) and all(r > residual[0] for r in residual[1:])
+    if n > 12:
+        assert min(residual[1:]) > 0.3
+
+
+@pytest.mark.parametrize("prior", [False, True])
+def test_coupled_shifts_and_backward_equal_autograd(prior):
+    """HyperNetwork(couple=True): shifts() of two same-shape modules (and a third of another
+    shape, solved alone) and backward_all(chunk=c) equal autograd through the normal
+    equations of the concatenated keys, with D = D_1 + D_2."""
+    kw = {"prior": True, "log_mu": 0.5} if prior else {}
+    shapes = {"a": (12, 5), "b": (12, 5), "c": (8, 5)}
+    net = trained_like(HyperNetwork(shapes, rank=4, lr=0.1, couple=True, reg_rows=9,
+                                    **kw).double())
+    if prior:
+        for i, name in enumerate("ab"):
+            net.set_prior(name, unrelated_keys(seed=20 + i)[1])
+        net.set_prior("c", unrelated_keys(d_k=8)[1])
+    g = torch.Generator().manual_seed(7)
+    n = 26
+    captured = {name: (torch.randn(n, dk, generator=g, dtype=F64),
+                       torch.randn(n, dv, generator=g, dtype=F64)) for name, (dk, dv) in
+                shapes.items()}
+    weights = {name: torch.randn(*shape, generator=g, dtype=F64) for name, shape in
+               shapes.items()}
+    e = net.net("a")  # autograd reference for the coupled pair
+    d = sum(e.values(*captured[name], net.index[name]) for name in "ab")
+    ridges = []
+    for name in "ab":
+        log_lam, log_mu = e.log_weights(net.index[name], n)
+        r = log_lam.exp() * torch.eye(12, dtype=F64)
+        ridges.append(r if log_mu is None else r + log_mu.exp() * e.prior[net.index[name]])
+    k = torch.cat([captured["a"][0], captured["b"][0]], 1)
+    pair = torch.linalg.solve(k.T @ k + torch.block_diag(*ridges), k.T @ d)
+    alone = net.shift("c", *captured["c"], F64)
+    loss = (pair * torch.cat([weights["a"], weights["b"]])).sum() + (alone * weights["c"]).sum()
+    loss.backward()
+    expected = {name: torch.zeros_like(p) if p.grad is None else p.grad.clone()
+                for name, p in net.named_parameters()}
+    net.zero_grad(set_to_none=False)
+    caches = {name: {} for name in shapes}
+    shifts = net.shifts(captured, F64, chunk=7, caches=caches)
+    assert torch.allclose(torch.cat([shifts["a"], shifts["b"]]), pair, atol=1e-10)
+    assert torch.allclose(shifts["c"], alone, atol=1e-10)
+    net.backward_all(captured, weights, F64, chunk=7, caches=caches)
+    for name, p in net.named_parameters():
+        got = torch.zeros_like(p) if p.grad is None else p.grad
+        assert torch.allclose(got, expected[name], atol=1e-9), name
+    assert expected["nets.12x5.log_lam"].abs().sum() > 0
+    with pytest.raises(ValueError, match="coupling modules needs the least-squares"):
+        HyperNetwork(shapes, rule="mend", couple=True)
 
 
 def test_hypernet_never_imports_editor():

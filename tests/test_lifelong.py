@@ -14,11 +14,11 @@ FACTS = [{"prompt": f"What is the code name of project number {i}?", "target": f
          for i in range(12)]
 
 
-def malmen_editor(dtype=None, joint=True) -> Editor:
+def malmen_editor(dtype=None, joint=True, couple=False) -> Editor:
     model, tok = load_model("tiny-llama", dtype=dtype)
     modules = edit_modules(model, "mlp.down_proj", [2, 3])
     net = HyperNetwork({n: kv_shape(m) for n, m in modules.items()}, rule="malmen", rank=8,
-                       lr=1e-1, prior=True, log_mu=1.0)
+                       lr=1e-1, prior=True, log_mu=1.0, couple=couple)
     for name in modules:  # a key prior, so the joint solve carries mu C too
         d_k = kv_shape(modules[name])[0]
         net.set_prior(name, torch.eye(d_k) * 0.01)
@@ -29,38 +29,41 @@ def relative(a: dict, b: dict) -> float:
     return max(((a[n] - b[n]).norm() / b[n].norm()).item() for n in a)
 
 
+@pytest.mark.parametrize("couple", [False, True])
 @pytest.mark.parametrize("dtype, tol", [(None, 1e-4), ("bfloat16", 2e-2)])
-def test_batches_edited_in_turn_equal_one_joint_edit(dtype, tol):
-    once = malmen_editor(dtype)
+def test_batches_edited_in_turn_equal_one_joint_edit(dtype, tol, couple):
+    """Per-module solves and the coupled solve (its statistics are the rows themselves)."""
+    once = malmen_editor(dtype, couple=couple)
     once.edit(FACTS, check=False)
-    turns = malmen_editor(dtype)
+    turns = malmen_editor(dtype, couple=couple)
     for i in range(0, len(FACTS), 4):
         turns.edit(FACTS[i:i + 4], check=False)
     assert len(turns.history) == 3
     assert relative(turns.total_shift(), once.total_shift()) < tol
-    stacked = malmen_editor(dtype, joint=False)  # the stacked mode, for comparison
+    stacked = malmen_editor(dtype, joint=False, couple=couple)  # stacked, for comparison
     for i in range(0, len(FACTS), 4):
         stacked.edit(FACTS[i:i + 4], check=False)
     assert relative(stacked.total_shift(), once.total_shift()) > 10 * tol
 
 
-def test_rollback_drops_a_batch_and_save_load_continues_the_joint_solve(tmp_path):
-    ed = malmen_editor()
+@pytest.mark.parametrize("couple", [False, True])
+def test_rollback_drops_a_batch_and_save_load_continues_the_joint_solve(tmp_path, couple):
+    ed = malmen_editor(couple=couple)
     ed.edit(FACTS[:4], check=False)
     after_one = {n: m.weight.detach().clone() for n, m in ed.modules.items()}
     ed.edit(FACTS[4:8], check=False)
     ed.rollback()
     assert all(torch.equal(after_one[n], m.weight) for n, m in ed.modules.items())
     ed.save_edits(tmp_path / "edits")
-    later = malmen_editor()  # another session: load, add a batch, save again
+    later = malmen_editor(couple=couple)  # another session: load, add a batch, save again
     later.load_edits(tmp_path / "edits")
     assert all(torch.equal(after_one[n], m.weight) for n, m in later.modules.items())
     later.edit(FACTS[4:], check=False)
     later.save_edits(tmp_path / "edits2")
-    once = malmen_editor()
+    once = malmen_editor(couple=couple)
     once.edit(FACTS, check=False)
     assert relative(later.total_shift(), once.total_shift()) < 1e-4
-    again = malmen_editor()
+    again = malmen_editor(couple=couple)
     again.load_edits(tmp_path / "edits2")
     assert [len(b.facts) for b in again.history] == [4, 8]
     assert all(set(b.stats) == set(later.history[0].stats) for b in again.history)
@@ -75,3 +78,13 @@ def test_a_batch_without_statistics_is_stacked_with_a_warning():
         ed.edit(FACTS[4:8], check=False)
     assert len(ed.history) == 2 and all(torch.isfinite(s).all()
                                         for s in ed.total_shift().values())
+
+
+def test_batches_of_the_other_solve_are_stacked_with_a_warning():
+    """Statistics of per-module solves cannot join a coupled solve (nor the reverse)."""
+    ed = malmen_editor()
+    ed.edit(FACTS[:4], check=False)
+    ed.shifter.hypernet.couple = True
+    with pytest.warns(UserWarning, match="or with couple set otherwise"):
+        ed.edit(FACTS[4:8], check=False)
+    assert "model.layers.2.mlp.down_proj:keys" in ed.history[1].stats

@@ -22,7 +22,7 @@ LOC = OmegaConf.create({"nq_coef": 1.0, "instruction_coef": 1.0, "harmful_coef":
                         "response_tokens": 6, "subject_tokens": 4, "max_prompt_chars": 400})
 EDITOR = OmegaConf.create({"rule": "malmen", "rank": 8, "n_blocks": 2, "init_step_size": 3.0,
                            "init_log_lam": 0.0, "prior": True, "init_log_mu": 0.0,
-                           "reg_rows": 16})
+                           "reg_rows": 16, "couple": False})
 
 
 def train_cfg(**kw):
@@ -41,10 +41,10 @@ def tiny(tmp_path_factory):
     return model, tok, modules, facts
 
 
-def editor_for(tiny, rule="malmen", hyper_chunk=1024, eot_rows=True, seed=0):
+def editor_for(tiny, rule="malmen", hyper_chunk=1024, eot_rows=True, seed=0, couple=False):
     model, tok, modules, _ = tiny
     torch.manual_seed(seed)
-    cfg = OmegaConf.merge(EDITOR, {"rule": rule, "prior": rule == "malmen"})
+    cfg = OmegaConf.merge(EDITOR, {"rule": rule, "prior": rule == "malmen", "couple": couple})
     return HyperEditor(model, tok, modules, build_hypernet(modules, cfg),
                        hyper_chunk=hyper_chunk, eot_rows=eot_rows)
 
@@ -56,15 +56,17 @@ def perturbed(hypernet):
             p.add_(0.01 * torch.randn(p.shape, generator=g))
 
 
-@pytest.mark.parametrize("rule", ["malmen", "mend"])
+@pytest.mark.parametrize("rule", ["malmen", "mend", "coupled"])
 @pytest.mark.parametrize("cache", [True, False])
 def test_chunked_meta_training_step_equals_unchunked(tiny, rule, cache):
     """Meta-loss forward/backward in chunks of 3 rows and the hypernetwork in chunks of 5 key
-    rows give the losses and the hypernetwork gradients of one unchunked step."""
+    rows give the losses and the hypernetwork gradients of one unchunked step (MALMEN per
+    module and coupled, MEND)."""
     facts = tiny[3]
     out = []
+    couple = rule == "coupled"
     for lm_chunk, hyper_chunk in ((1000, None), (3, 5)):
-        ed = editor_for(tiny, rule, hyper_chunk)
+        ed = editor_for(tiny, "malmen" if couple else rule, hyper_chunk, couple=couple)
         perturbed(ed.hypernet)
         data = prepare_data(ed, facts[:16], facts[16:20], LOC, cache, 8)
         trainer = MetaTrainer(ed, data, train_cfg(n_edits=12, lm_chunk=lm_chunk,

@@ -1,7 +1,8 @@
 """Why an editor holds or loses many facts at once: the joint solve per module as N grows,
 and what the test-time levers (step size, end-of-turn rows, lambda and mu per rows) do.
 
-- `solve_diagnostics`: for N facts edited at once, per edited module, the relative residual
+- `solve_diagnostics`: for N facts edited at once, per solve (an edited module, or with
+  `couple` the modules sharing one solve), the relative residual
   ||K S - D|| / ||D||, the mean leverage tr(K A^-1 K^T) / n and the float32-vs-float64
   difference of S (`hypernet.diagnostics`);
 - `lever_sweep`: ES / GS / LS of N facts as trained and with one test-time lever changed
@@ -20,7 +21,7 @@ from .metrics import edit_metrics
 
 
 def solve_diagnostics(editor, facts: list, ns: list[int]) -> list[dict]:
-    """One record per N x module (MALMEN editors: the solve is what is diagnosed)."""
+    """One record per N x solve (MALMEN editors: the solve is what is diagnosed)."""
     if not editor.hypernet.solves:
         raise ValueError(f"solve diagnostics need the least-squares rule, not "
                          f"{editor.hypernet.rule!r}")
@@ -29,9 +30,11 @@ def solve_diagnostics(editor, facts: list, ns: list[int]) -> list[dict]:
         if n > len(facts):
             raise ValueError(f"{n} facts asked for, {len(facts)} available")
         batch = encode_facts(editor.tokenizer, facts[:n], editor.system)
-        for name, (keys, grads) in editor.capture(batch).items():
-            stats = editor.hypernet.diagnose(name, keys, grads, editor.hyper_chunk)
-            out.append({"n_facts": n, "module": name, "key_rows": keys.shape[0], **stats})
+        captured = editor.capture(batch)
+        rows = next(iter(captured.values()))[0].shape[0]
+        for stats in editor.hypernet.diagnose_all(captured, editor.hyper_chunk):
+            modules = stats.pop("modules")
+            out.append({"n_facts": n, "module": ",".join(modules), "key_rows": rows, **stats})
     return out
 
 
@@ -53,14 +56,16 @@ def massive_diagnostics(editor, cfg) -> dict:
     return out
 
 
-LEVERS = ("step_scale", "eot_rows", "reg_rows")  # what a trained editor can change at test time
+# what a trained editor can change at test time
+LEVERS = ("step_scale", "eot_rows", "reg_rows", "couple")
 
 
 def _owner(editor, lever: str):
-    """What holds a test-time lever: the hypernetwork for reg_rows, else the editor."""
+    """What holds a test-time lever: the hypernetwork for reg_rows and couple, else the
+    editor."""
     if lever not in LEVERS:
         raise ValueError(f"unknown test-time lever {lever!r}; choose from {LEVERS}")
-    return editor.hypernet if lever == "reg_rows" else editor
+    return editor.hypernet if lever in ("reg_rows", "couple") else editor
 
 
 def lever_sweep(editor, rows: dict, ns: list[int], levers: dict[str, list]) -> list[dict]:

@@ -193,8 +193,7 @@ class MetaTrainer:
         # 2. shifts without grad, applied
         caches = {name: {} for name in captured}
         with torch.no_grad():
-            ed.apply({name: hn.shift(name, k, d, ed.solve_dtype, ed.hyper_chunk, caches[name])
-                      for name, (k, d) in captured.items()})
+            ed.apply(hn.shifts(captured, ed.solve_dtype, ed.hyper_chunk, caches))
         # 3. meta-loss on the edited model; G = dL/dW
         parts = {"rephrase_loss": (list(gen_rows), cfg.rephrase_coef, "ce")}
         parts.update({f"loc_{s}": (r, self.coefs[s], "kl") for s, r in locs.items()})
@@ -213,8 +212,7 @@ class MetaTrainer:
             ed.restore()
         # 4. hypernetwork update through the proxy <G, S(theta)>, chunk by chunk
         self.opt.zero_grad()
-        for name, (k, d) in captured.items():
-            hn.backward(name, k, d, grads[name], ed.solve_dtype, ed.hyper_chunk, caches[name])
+        hn.backward_all(captured, grads, ed.solve_dtype, ed.hyper_chunk, caches)
         norm = torch.nn.utils.clip_grad_norm_(hn.parameters(), cfg.max_grad_norm)
         self.opt.step()
         self.step_count += 1

@@ -95,8 +95,10 @@ def test_bench_script_diagnoses_a_trained_editor(tmp_path, tiny_llama_checkpoint
     assert [r["n_facts"] for r in solve] == [2] * 2 + [8] * 2  # two edited modules each
     assert all(r["key_rows"] > 0 and 0 <= r["residual"] <= 1 for r in solve)
     levers = result["levers"]
-    assert [r["changed"] for r in levers] == [None, "step_scale", "eot_rows", "reg_rows"]
+    assert [r["changed"] for r in levers] == [None, "step_scale", "eot_rows", "reg_rows",
+                                              "couple"]
     assert levers[1]["step_scale"] == 2.0 and levers[3]["reg_rows"] == 4
+    assert levers[4]["couple"] and not levers[0]["couple"]
     assert all(0 <= r["ES"] <= 1 and r["n_facts"] == 8 for r in levers)
     lifelong = result["lifelong"]  # 3 batches in turn equal one joint edit of the 12 facts
     assert len(lifelong["batch_seconds"]) == 3 and lifelong["vs_joint"] < 1e-4

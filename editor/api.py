@@ -175,8 +175,8 @@ class Editor:
         Overrides: dtype, device (loading by name); system (system prompt), answer_tokens;
         the method's options (its config dataclass): for a trained editor only the test-time
         ones (solve_dtype, hyper_chunk, eot_rows, reg_rows, couple, step_scale), otherwise
-        any (FT: steps, lr; MEMIT / AlphaEdit: editor.memit); without a checkpoint, module and layers
-        (default: the method's own, `Method.default_edit`).
+        any (FT: steps, lr; MEMIT / AlphaEdit: editor.memit); without a checkpoint, module
+        and layers (default: the method's own, `Method.default_edit`).
         `strict=False` allows a checkpoint trained on a model of another name (same modules)."""
         meta, tensors = {}, {}
         if editor_checkpoint is not None:

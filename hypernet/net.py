@@ -127,22 +127,33 @@ class EditorNet(nn.Module):
         log_mu = None if self.prior is None else self.log_mu[layer] + scale
         return self.log_lam[layer] + scale, log_mu
 
+    def coupled_weights(self, layers: list[int], n: int) -> dict:
+        """lams, priors, mus (None without a prior) of a coupled solve of n rows (no grad)."""
+        with torch.no_grad():
+            weights = [self.log_weights(layer, n) for layer in layers]
+            none = self.prior is None
+            return {"lams": [lam.exp() for lam, _ in weights],
+                    "priors": None if none else [self.prior[layer] for layer in layers],
+                    "mus": None if none else [mu.exp() for _, mu in weights]}
+
+    def coupled_values(self, keys: list, grads: list, layers: list[int], chunk=None):
+        """D = sum_l D_l, the value shift all modules together are asked for (no grad)."""
+        with torch.no_grad():
+            return sum(self.values(k, g, layer, chunk) for k, g, layer in zip(keys, grads, layers))
+
     def coupled_factor(self, keys: list, layers: list[int], dtype=torch.float32):
         """The coupled solve's factors for keys K_l of `layers` (no grad)."""
         with torch.no_grad():
-            weights = [self.log_weights(layer, keys[0].shape[0]) for layer in layers]
-            priors = None if self.prior is None else [self.prior[layer] for layer in layers]
-            mus = None if self.prior is None else [mu.exp() for _, mu in weights]
-            return coupled_factorize(keys, [lam.exp() for lam, _ in weights], dtype, priors, mus)
+            return coupled_factorize(keys, dtype=dtype,
+                                     **self.coupled_weights(layers, keys[0].shape[0]))
 
     def coupled_shift(self, keys: list, grads: list, layers: list[int], dtype=torch.float32,
                       chunk: int | None = None, cache: dict | None = None,
                       lap=None) -> list[torch.Tensor]:
         """[S_l] of one coupled solve over modules `layers`: sum_l K_l S_l = sum_l D_l
-        (no grad); `cache` keeps the factor and D for `coupled_backward`."""
+        (no grad); `cache` keeps the factor and the S_l for `coupled_backward`."""
         with torch.no_grad():
-            values = sum(self.values(k, g, layer, chunk)
-                         for k, g, layer in zip(keys, grads, layers))
+            values = self.coupled_values(keys, grads, layers, chunk)
             if lap is not None:
                 lap("hypernetwork")
             factor = self.coupled_factor(keys, layers, dtype)
@@ -165,10 +176,7 @@ class EditorNet(nn.Module):
             shifts = None
             factor = self.coupled_factor(keys, layers, dtype)
         if shifts is None:
-            with torch.no_grad():
-                values = sum(self.values(k, g, layer, chunk)
-                             for k, g, layer in zip(keys, grads, layers))
-                shifts = coupled_solve(factor, values)
+            shifts = coupled_solve(factor, self.coupled_values(keys, grads, layers, chunk))
         grad_values, d_lam, d_mu = coupled_backward(factor, shifts, grad_shifts)
         scalars = []
         for layer, gl, gm in zip(layers, d_lam, d_mu):
@@ -344,7 +352,7 @@ class HyperNetwork(nn.Module):
         out = {}
         for group in self.groups(captured):
             cache = None if caches is None else caches[group[0]]
-            if len(group) == 1 and not self.couple:
+            if not self.couple:
                 name = group[0]
                 out[name] = self.shift(name, *captured[name], dtype, chunk, cache, lap)
                 continue
@@ -360,7 +368,7 @@ class HyperNetwork(nn.Module):
         into the parameters' .grad (`caches`: what `shifts` kept)."""
         for group in self.groups(captured):
             cache = None if caches is None else caches[group[0]]
-            if len(group) == 1 and not self.couple:
+            if not self.couple:
                 name = group[0]
                 self.backward(name, *captured[name], grad_shifts[name], dtype, chunk, cache)
                 continue
@@ -453,15 +461,10 @@ class HyperNetwork(nn.Module):
                                                                 chunk)})
                 continue
             net, layers = self.net(group[0]), [self.index[n] for n in group]
-            n = captured[group[0]][0].shape[0]
-            weights = [net.log_weights(layer, n) for layer in layers]
-            priors = None if net.prior is None else [net.prior[layer] for layer in layers]
-            mus = None if net.prior is None else [mu.exp() for _, mu in weights]
-            values = sum(net.values(*captured[name], layer, chunk)
-                         for name, layer in zip(group, layers))
+            keys, grads = [captured[n][0] for n in group], [captured[n][1] for n in group]
+            values = net.coupled_values(keys, grads, layers, chunk)
             out.append({"modules": group, **coupled_diagnostics(
-                [captured[name][0] for name in group], values,
-                [lam.exp() for lam, _ in weights], priors, mus)})
+                keys, values, **net.coupled_weights(layers, keys[0].shape[0]))})
         return out
 
     @torch.no_grad()

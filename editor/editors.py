@@ -293,24 +293,26 @@ class HyperEditor(BaseEditor):
         hn, shifts = self.hypernet, {}
         for group in hn.groups(captured):
             keys = [captured[n][0] for n in group]
-            values = sum(hn.values(n, *captured[n], self.hyper_chunk) for n in group)
+            values = hn.net(group[0]).coupled_values(
+                keys, [captured[n][1] for n in group], [hn.index[n] for n in group],
+                self.hyper_chunk)
             lap("hypernetwork")
             self.stats.update({f"{n}:keys": k.float().cpu() for n, k in zip(group, keys)})
             self.stats.update({f"{n}:rows": torch.tensor([k.shape[0]], dtype=torch.float64)
                                for n, k in zip(group, keys)})
             self.stats[f"{group[0]}:values"] = values.float().cpu()
-            new = hn.solve_coupled(group, keys, values, self.solve_dtype)
             if joint:
-                def rows(part, names, like):
-                    return [torch.cat([b[f"{n}:{part}"] for b in self.applied]).to(like)
-                            for n in names]
+                def kept(part, name, like):
+                    return torch.cat([b[f"{name}:{part}"] for b in self.applied]).to(like)
 
-                prev_keys, (prev_values,) = rows("keys", group, keys[0]), \
-                    rows("values", group[:1], values)
+                prev_keys = [kept("keys", n, k) for n, k in zip(group, keys)]
+                prev_values = kept("values", group[0], values)
                 new = hn.solve_coupled(group, [torch.cat(p) for p in zip(prev_keys, keys)],
                                        torch.cat([prev_values, values]), self.solve_dtype)
                 old = hn.solve_coupled(group, prev_keys, prev_values, self.solve_dtype)
                 new = [a - b for a, b in zip(new, old)]
+            else:  # the first batch: its own solve, as for any single edit
+                new = hn.solve_coupled(group, keys, values, self.solve_dtype)
             shifts.update(zip(group, new))
             lap("solve")
         return shifts

@@ -172,10 +172,8 @@ class EditorNet(nn.Module):
         per module, `chunk` rows at a time."""
         cache = cache or {}
         factor, shifts = cache.get("factor"), cache.get("shifts")
-        if factor is None:
-            shifts = None
+        if factor is None:  # not kept by coupled_shift: solve again
             factor = self.coupled_factor(keys, layers, dtype)
-        if shifts is None:
             shifts = coupled_solve(factor, self.coupled_values(keys, grads, layers, chunk))
         grad_values, d_lam, d_mu = coupled_backward(factor, shifts, grad_shifts)
         scalars = []

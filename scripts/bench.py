@@ -56,11 +56,16 @@ def main(cfg: DictConfig) -> None:
     result = {"hardware": hardware(cfg.device), "device": cfg.device, "model": cfg.model.name,
               "rule": cfg.editor.rule, "config": OmegaConf.to_container(cfg, resolve=True)}
     tables = {}
+    out = Path(HydraConfig.get().runtime.output_dir)
+
+    def save(partial=None):
+        write_atomic(out / "bench.json", json.dumps({**result, **(partial or {})}, indent=2))
+
     if cfg.ns:
         result["edits"] = bench_edits(editor, cfg.ns, cfg.device, system, cfg.warmup)
         tables["edits"] = ["n_facts", "tokens", *STAGES, "edit", "floor", "ratio", "peak_mib"]
     if cfg.editor_checkpoint:
-        result.update(massive_diagnostics(editor, cfg))
+        result.update(massive_diagnostics(editor, cfg, lambda recs: save({"levers": recs})))
         tables["solve"] = ["n_facts", "module", "key_rows", "residual", "leverage",
                            "fp32_vs_fp64"]
         tables["levers"] = ["n_facts", "changed", *cfg.levers, "ES", "ES_strict", "GS",
@@ -71,8 +76,7 @@ def main(cfg: DictConfig) -> None:
         result["training"] = bench_training(editor, cfg, system)
         tables["training"] = ["hidden_cache", "logits_at_labels_only", "seconds_per_step",
                               "slowdown", "peak_mib"]
-    out = Path(HydraConfig.get().runtime.output_dir)
-    write_atomic(out / "bench.json", json.dumps(result, indent=2))
+    save()
     print(f"\n{cfg.model.name}, {cfg.editor.rule}, {result['hardware']}")
     for name, cols in tables.items():
         if result.get(name):

@@ -200,8 +200,10 @@ def test_lever_sweep_changes_one_lever_at_a_time_and_restores_the_editor(tiny):
     perturbed(ed.hypernet)
     before = {n: m.weight.detach().clone() for n, m in modules.items()}
     rows = fact_rows(tok, facts[:6])
+    seen = []
     out = lever_sweep(ed, rows, [4], {"step_scale": [1.0, 2.0], "eot_rows": [False],
-                                      "reg_rows": [None]})
+                                      "reg_rows": [None]}, lambda recs: seen.append(len(recs)))
+    assert seen == [1, 2, 3, 4]  # called after each record, with every record so far
     # as trained, then each changed lever (step_scale 1.0 is the editor's own: not repeated)
     assert [r["changed"] for r in out] == [None, "step_scale", "eot_rows", "reg_rows"]
     assert out[1]["step_scale"] == 2.0 and out[1]["eot_rows"] and out[1]["reg_rows"] == 16

@@ -38,10 +38,11 @@ def solve_diagnostics(editor, facts: list, ns: list[int]) -> list[dict]:
     return out
 
 
-def massive_diagnostics(editor, cfg) -> dict:
+def massive_diagnostics(editor, cfg, on_record=None) -> dict:
     """scripts/bench.py's diagnostics of a trained editor: `solve` at each N of
     `cfg.diagnose_ns` on facts pooled from every split of zsRE and CounterFact, and the
-    `levers` sweep on the validation split of `cfg.data` at each N of `cfg.scale_ns`."""
+    `levers` sweep on the validation split of `cfg.data` at each N of `cfg.scale_ns`
+    (`on_record`: see `lever_sweep`)."""
     out = {}
     if cfg.diagnose_ns:
         pool = [f for name in ("zsre", "counterfact") for split in ("train", "validation", "test")
@@ -52,7 +53,7 @@ def massive_diagnostics(editor, cfg) -> dict:
                          seed=cfg.data.seed)
         rows = fact_rows(editor.tokenizer, val, editor.system)
         out["levers"] = lever_sweep(editor, rows, list(cfg.scale_ns),
-                                    OmegaConf.to_container(cfg.levers))
+                                    OmegaConf.to_container(cfg.levers), on_record)
     return out
 
 
@@ -68,11 +69,13 @@ def _owner(editor, lever: str):
     return editor.hypernet if lever in ("reg_rows", "couple") else editor
 
 
-def lever_sweep(editor, rows: dict, ns: list[int], levers: dict[str, list]) -> list[dict]:
+def lever_sweep(editor, rows: dict, ns: list[int], levers: dict[str, list],
+                on_record=None) -> list[dict]:
     """Edit metrics of the first N facts of aligned `rows` (`chat.fact_rows`) as trained,
     then with one lever of `levers` ({name: values}) changed at a time; the editor's own
     settings are restored afterwards. Each record names the lever changed (None: as trained)
-    and the value of every lever."""
+    and the value of every lever; it is printed as it comes, and `on_record(records so far)`
+    (if given) is called, so a long sweep that is stopped keeps what it measured."""
     own = {lever: getattr(_owner(editor, lever), lever) for lever in LEVERS}
     settings = [(None, None)] + [(name, v) for name, values in levers.items() for v in values
                                  if getattr(_owner(editor, name), name) != v]
@@ -85,6 +88,11 @@ def lever_sweep(editor, rows: dict, ns: list[int], levers: dict[str, list]) -> l
                 setattr(_owner(editor, lever), lever, v)
             metrics = edit_metrics(editor, sliced(rows, n))
             out.append({"n_facts": n, "changed": name, **current, **metrics})
+            tqdm.write(f"N {n}, {name or 'as trained'}"
+                       f"{'' if name is None else f' = {value}'}: " + ", ".join(
+                           f"{k} {metrics[k]:.3f}" for k in ("ES", "ES_strict", "GS", "LS")))
+            if on_record is not None:
+                on_record(out)
     finally:
         for lever, v in own.items():
             setattr(_owner(editor, lever), lever, v)

@@ -293,9 +293,7 @@ class HyperEditor(BaseEditor):
         hn, shifts = self.hypernet, {}
         for group in hn.groups(captured):
             keys = [captured[n][0] for n in group]
-            values = hn.net(group[0]).coupled_values(
-                keys, [captured[n][1] for n in group], [hn.index[n] for n in group],
-                self.hyper_chunk)
+            values = hn.coupled_values(group, captured, self.hyper_chunk)
             lap("hypernetwork")
             self.stats.update({f"{n}:keys": k.float().cpu() for n, k in zip(group, keys)})
             self.stats.update({f"{n}:rows": torch.tensor([k.shape[0]], dtype=torch.float64)

@@ -342,6 +342,16 @@ class HyperNetwork(nn.Module):
             by_shape.setdefault(self.shapes[n], []).append(n)
         return list(by_shape.values())
 
+    def _group(self, captured: dict, names: list[str]):
+        """(network, [keys], [value gradients], [layers]) of a coupled group's modules."""
+        return (self.net(names[0]), [captured[n][0] for n in names],
+                [captured[n][1] for n in names], [self.index[n] for n in names])
+
+    def coupled_values(self, names: list[str], captured: dict, chunk: int | None = None):
+        """The coupled solve's summed desired value shifts D (n x d_v) of modules `names`."""
+        net, keys, grads, layers = self._group(captured, names)
+        return net.coupled_values(keys, grads, layers, chunk)
+
     def shifts(self, captured: dict, dtype=torch.float32, chunk: int | None = None,
                caches: dict | None = None, lap=None) -> dict[str, torch.Tensor]:
         """{name: S} for every module of `captured` ({name: (keys, value gradients)}), per
@@ -354,10 +364,9 @@ class HyperNetwork(nn.Module):
                 name = group[0]
                 out[name] = self.shift(name, *captured[name], dtype, chunk, cache, lap)
                 continue
-            net = self.net(group[0])
-            out.update(zip(group, net.coupled_shift(
-                [captured[n][0] for n in group], [captured[n][1] for n in group],
-                [self.index[n] for n in group], dtype, chunk, cache, lap)))
+            net, keys, grads, layers = self._group(captured, group)
+            out.update(zip(group, net.coupled_shift(keys, grads, layers, dtype, chunk, cache,
+                                                    lap)))
         return out
 
     def backward_all(self, captured: dict, grad_shifts: dict, dtype=torch.float32,
@@ -370,10 +379,9 @@ class HyperNetwork(nn.Module):
                 name = group[0]
                 self.backward(name, *captured[name], grad_shifts[name], dtype, chunk, cache)
                 continue
-            self.net(group[0]).coupled_backward(
-                [captured[n][0] for n in group], [captured[n][1] for n in group],
-                [self.index[n] for n in group], [grad_shifts[n] for n in group], dtype,
-                chunk, cache)
+            net, keys, grads, layers = self._group(captured, group)
+            net.coupled_backward(keys, grads, layers, [grad_shifts[n] for n in group], dtype,
+                                 chunk, cache)
 
     @property
     def solves(self) -> bool:
@@ -458,8 +466,7 @@ class HyperNetwork(nn.Module):
                 out.append({"modules": group, **self.diagnose(group[0], *captured[group[0]],
                                                                 chunk)})
                 continue
-            net, layers = self.net(group[0]), [self.index[n] for n in group]
-            keys, grads = [captured[n][0] for n in group], [captured[n][1] for n in group]
+            net, keys, grads, layers = self._group(captured, group)
             values = net.coupled_values(keys, grads, layers, chunk)
             out.append({"modules": group, **coupled_diagnostics(
                 keys, values, **net.coupled_weights(layers, keys[0].shape[0]))})

@@ -213,7 +213,7 @@ class Editor:
                 raise TypeError(f"unknown overrides: {wrong} (a trained editor's other options "
                                 f"come from its checkpoint; test-time ones: "
                                 f"{sorted(found.test_time)})")
-            config = found.config_from(meta["config"]["editor"], **overrides)
+            config = found.saved_config(meta["config"]["editor"], **overrides)
             state = checkpoint.unprefixed(tensors, "hypernet.")
         shifter = found.editor.from_config(model, tokenizer, modules, config, system, state)
         return cls(shifter, name, answer_tokens, editor_checkpoint)

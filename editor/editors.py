@@ -133,6 +133,7 @@ class HyperConfig:
     """Options of the hypernetwork editors (MALMEN, MEND): the network, the solve, the rows."""
 
     RENAMED = {"lr": "init_step_size", "log_lam": "init_log_lam", "log_mu": "init_log_mu"}
+    BEFORE = {"couple": False}  # options added later: what older checkpoints were trained with
 
     name: str = option("malmen", "the method's label in run folders and results")
     rule: str = option("malmen", "the registered method: malmen or mend")
@@ -154,9 +155,10 @@ class HyperConfig:
     init_log_mu: float = option(4.0, "initial per-layer log mu, the prior's weight (learned)")
     step_scale: float = option(1.0, "test-time multiplier of the learned step size "
                                "(meta-training uses 1)", test_time=True)
-    couple: bool = option(False, "MALMEN: the edited modules of one shape share one solve, "
+    couple: bool = option(True, "MALMEN: the edited modules of one shape share one solve, "
                           "sum_l K_l S_l = sum_l D_l (rank up to L d_k, not d_k: for more key "
-                          "rows than one module's d_k)", test_time=True)
+                          "rows than one module's d_k); false: one solve per module",
+                          test_time=True)
     joint: bool = option(True, "MALMEN, editing on top of earlier edits: re-solve jointly with "
                          "the earlier batches' statistics (K^T K, K^T D, rows; captured on "
                          "the unedited weights), as if all were edited at once; false: stack "
@@ -179,6 +181,7 @@ class MendConfig(HyperConfig):
                                    "untrained, on 128 facts: 1e-6 ES 0.21 LS 0.92, 3e-6 ES "
                                    "0.25 LS 0.76, 1e-5 ES 0.28 LS 0.32")
     prior: bool = option(False, "MEND has no solve, so no key prior")
+    couple: bool = option(False, "MEND has no solve, so nothing to couple", test_time=True)
 
 
 def build_hypernet(modules: dict, config: HyperConfig) -> HyperNetwork:

@@ -81,6 +81,11 @@ class Method:
             raise ValueError(f"a config of method {values['rule']!r} given to {self.name!r}")
         return self.config(**values)
 
+    def saved_config(self, saved: Mapping, **overrides):
+        """The config a checkpoint was trained with (`saved`: its editor section); options
+        added after it was written take the value they had before (`config.BEFORE`)."""
+        return self.config_from({**getattr(self.config, "BEFORE", {}), **saved}, **overrides)
+
 
 METHODS: dict[str, Method] = {}
 

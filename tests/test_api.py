@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from editor import Editor
+from editor import Editor, checkpoint
 from editor.data import load_facts
 from editor.models import load_model
 
@@ -102,6 +102,16 @@ def test_checkpoint_for_another_model_or_modules_fails(ckpt):
         Editor.from_pretrained("tiny-gpt2", ckpt, strict=False)
     with pytest.raises(TypeError, match="unknown overrides"):
         Editor.from_pretrained("tiny-llama", ckpt, rank=3)
+
+
+def test_a_checkpoint_older_than_an_option_keeps_what_it_was_trained_with(ckpt, tmp_path):
+    tensors, meta = checkpoint.load(ckpt)
+    assert meta["config"]["editor"]["couple"] is True  # today's default
+    del meta["config"]["editor"]["couple"]  # as saved before the option existed
+    checkpoint.save(tmp_path / "old.safetensors", tensors, meta)
+    old = Editor.from_pretrained("tiny-llama", tmp_path / "old.safetensors")
+    assert not old.shifter.hypernet.couple  # per-module solves, as it was trained
+    assert Editor.from_pretrained("tiny-llama", ckpt).shifter.hypernet.couple
 
 
 def test_save_and_load_edits_reproduce_logits(ed, tmp_path):

@@ -68,6 +68,14 @@ def test_edit_script_trains_and_caches_a_quick_editor(tmp_path):
     assert [r["prompt"] for r in rows if r["kind"] == "unrelated"] == list(unrelated)
 
 
+def test_quick_editor_cache_is_named_by_the_resolved_recipe():
+    from editor.training.quick import quick_recipe
+
+    folder = lambda *o: quick_recipe("tiny-llama", "zsre", ["train.steps=2", *o])[1]  # noqa: E731
+    assert folder() == folder("editor.couple=true")  # the default, spelled out
+    assert folder() != folder("editor.couple=false")
+
+
 def test_bench_script_on_tiny_llama(tmp_path):
     stdout = run("bench.py", "model=tiny-llama", "ns=[1,8]", "train_steps=2", "train.n_edits=4",
                  "locality=nq", "editor.rank=8", f"hydra.run.dir={tmp_path / 'run'}",
@@ -92,13 +100,14 @@ def test_bench_script_diagnoses_a_trained_editor(tmp_path, tiny_llama_checkpoint
         cwd=tmp_path, env={"CHATEDIT_CACHE": str(tmp_path / "cache")})
     result = json.loads((tmp_path / "bench.json").read_text())
     solve = result["solve"]
-    assert [r["n_facts"] for r in solve] == [2] * 2 + [8] * 2  # two edited modules each
+    assert [r["n_facts"] for r in solve] == [2, 8]  # the default couples the two modules
+    assert all(len(r["module"].split(",")) == 2 for r in solve)
     assert all(r["key_rows"] > 0 and 0 <= r["residual"] <= 1 for r in solve)
     levers = result["levers"]
     assert [r["changed"] for r in levers] == [None, "step_scale", "eot_rows", "reg_rows",
                                               "couple"]
     assert levers[1]["step_scale"] == 2.0 and levers[3]["reg_rows"] == 4
-    assert levers[4]["couple"] and not levers[0]["couple"]
+    assert levers[0]["couple"] and not levers[4]["couple"]  # trained coupled, the default
     assert all(0 <= r["ES"] <= 1 and r["n_facts"] == 8 for r in levers)
     lifelong = result["lifelong"]  # 3 batches in turn equal one joint edit of the 12 facts
     assert len(lifelong["batch_seconds"]) == 3 and lifelong["vs_joint"] < 1e-4

@@ -58,6 +58,9 @@ def test_killed_run_resumes_on_the_same_curve(tmp_path):
     for x, y in zip(a[1:], b[1:]):
         assert x["rephrase_loss"] == pytest.approx(y["rephrase_loss"], rel=1e-4), (x, y)
     assert resumed["val_ES"] == pytest.approx(full["val_ES"], abs=1e-6)
+    with pytest.raises(AssertionError, match="couple True -> False"):  # before any work
+        train(tmp_path, "part", "model=tiny-llama", "train.steps=12", "locality=nq",
+              "editor.couple=false")
 
 
 def test_checkpoint_holds_no_pickle_and_loads_with_safetensors(tmp_path):

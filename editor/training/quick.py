@@ -41,14 +41,21 @@ def train_config(overrides):
         return compose("config", overrides=list(overrides))
 
 
+def quick_recipe(model: str, data: str = "zsre", overrides=None):
+    """(train config, cache folder) of the quick editor for `model`; the folder is named by
+    the resolved config, so a changed default (not only a changed override) retrains."""
+    overrides = [f"model={model}", f"data={data}", *(QUICK if overrides is None else overrides)]
+    cfg = train_config(overrides)
+    name = digest(OmegaConf.to_container(cfg, resolve=True))
+    return cfg, cache_dir() / "editors" / f"quick-{Path(model).name}-{name}"
+
+
 def quick_editor(model: str, data: str = "zsre", overrides=None) -> Path:
     """The checkpoint of a quick editor for `model` (a registry name or folder), trained
-    into the cache if absent (named by its recipe; a killed training resumes)."""
-    overrides = [f"model={model}", f"data={data}", *(QUICK if overrides is None else overrides)]
-    folder = cache_dir() / "editors" / f"quick-{Path(model).name}-{digest(' '.join(overrides))}"
+    into the cache if absent (a killed training resumes)."""
+    cfg, folder = quick_recipe(model, data, overrides)
     if not (folder / "metrics.json").exists():
         print(f"no cached quick editor for {model}: meta-training one into {folder}")
-        cfg = train_config(overrides)
         folder.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, folder / "config.yaml")
         run(cfg, folder)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from .. import checkpoint
 from ..chat import fact_rows
 from ..data import load_facts
 from ..evaluation.metrics import answer_matches, edit_metrics, generation_metrics
@@ -101,6 +102,23 @@ def _estimate(cfg, editor, facts, trained: bool) -> dict:
                            captured_rows=captured)
 
 
+# editor options that change only numerics or memory, not what is learned
+NEUTRAL = {"name", "solve_dtype", "hyper_chunk"}
+
+
+def check_resume(method, config, path: Path) -> None:
+    """A killed run resumes with the editor options it started with: its checkpoint saved
+    with others (say, a default changed since) is an error naming them, before any work."""
+    saved = asdict(method.saved_config(checkpoint.load(path)[1]["config"]["editor"]))
+    changed = {k: (saved[k], v) for k, v in asdict(config).items()
+               if k not in NEUTRAL and saved[k] != v}
+    if changed:
+        raise ValueError(f"{path} was meta-trained with other editor options (saved -> now: "
+                         + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
+                         + "); resume it with its own (editor.<option>=...) or use a new run "
+                         "folder")
+
+
 def run(cfg, out: Path) -> dict:
     """Meta-train (or, for a method with nothing to train, only check) one editor; returns
     and writes metrics.json."""
@@ -111,6 +129,10 @@ def run(cfg, out: Path) -> dict:
     torch.manual_seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    own = out / "checkpoint.safetensors"  # a killed run resumes its own checkpoint,
+    resume = own if own.exists() else cfg.train.resume_from  # never its starting one
+    if method.meta_trained and own.exists():
+        check_resume(method, config, own)
     model, tok, modules = _load(cfg)
     system, trained = cfg.model.system_prompt, method.meta_trained
     facts = {s: load_facts(cfg.data.name, s, val_size=cfg.data.val_size, seed=cfg.data.seed,
@@ -134,8 +156,6 @@ def run(cfg, out: Path) -> dict:
             "modules": list(modules), "rule": method.name}
     if trained:
         trainer = MetaTrainer(editor, data, cfg.train, cfg.locality, seed=cfg.seed)
-        own = out / "checkpoint.safetensors"  # a killed run resumes its own checkpoint,
-        resume = own if own.exists() else cfg.train.resume_from  # never its starting one
         if resume is not None and Path(resume).exists():
             trainer.load(resume)
             print(f"resumed from {resume} at step {trainer.step_count}")

@@ -42,6 +42,7 @@ def test_meta_training_learns_to_edit(tmp_path, model):
     assert mean(steps[-5:], "rephrase_loss") < mean(steps[:5], "rephrase_loss")
     assert val[-1]["val_ES"] > val[0]["val_ES"] + 0.2, val
     assert metrics["test_ES"] > val[0]["val_ES"] + 0.2 and metrics["steps"] == 40
+    assert 0.1 < metrics["peak_rss_gib"] < 64  # the process's own peak, in GiB
     for name in ("checkpoint.safetensors", "curves.png", ".hydra/config.yaml"):
         assert (tmp_path / "run" / name).exists()
 

@@ -11,6 +11,8 @@ A method that is not meta-trained (FT) is only checked on validation and test fa
 from __future__ import annotations
 
 import json
+import resource
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -169,8 +171,15 @@ def run(cfg, out: Path) -> dict:
         metrics.update({f"val_{k}": v for k, v in edit_metrics(editor, data.val).items()})
     if test is not None:
         metrics.update(test_metrics(cfg, editor, test))
+    metrics["peak_rss_gib"] = peak_rss_gib()
     write_json(out / "metrics.json", metrics)
     return metrics
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident memory so far (Linux counts KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**30 if sys.platform == "darwin" else peak / 2**20
 
 
 def test_metrics(cfg, editor, test) -> dict:

@@ -13,8 +13,10 @@ end of this file by "module:object" names, so importing the registry imports no 
 
 A config dataclass holds every option of its method, test-time ones included, each with a
 default and a help line (`field(metadata={"help": ...})`); `method.config_from(mapping)`
-builds it from a YAML section, a checkpoint's saved config or keyword overrides, and names
-any key it does not know.
+builds it from a YAML section or keyword overrides, and names any key it does not know;
+`method.saved_config(mapping)` from a checkpoint's saved config, where an option renamed
+since (the class's `RENAMED`) is read under its new name and one added since takes the
+value it had before (`BEFORE`).
 """
 
 from __future__ import annotations

@@ -22,9 +22,10 @@ def save(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict) -> None
         save_file(data, str(tmp), metadata={"meta": json.dumps(meta)})
 
 
-def load(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors, meta) of a safetensors file; never unpickles. Errors name the path: missing,
-    a folder, not a safetensors file (truncated, random bytes, a pickle), unreadable meta."""
+def load(path: str | Path, with_tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, meta) of a safetensors file ({} for tensors without `with_tensors`); never
+    unpickles. Errors name the path: missing, a folder, not a safetensors file (truncated,
+    random bytes, a pickle), unreadable meta."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}")
@@ -33,7 +34,7 @@ def load(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = (f.metadata() or {}).get("meta", "{}")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()} if with_tensors else {}
     except Exception as err:  # safetensors raises its own error types for broken files
         raise ValueError(f"{path} is not a readable safetensors file "
                          f"({type(err).__name__}: {err})") from None

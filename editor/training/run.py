@@ -111,7 +111,8 @@ NEUTRAL = {"name", "solve_dtype", "hyper_chunk"}
 def check_resume(method, config, path: Path) -> None:
     """A killed run resumes with the editor options it started with: its checkpoint saved
     with others (say, a default changed since) is an error naming them, before any work."""
-    saved = asdict(method.saved_config(checkpoint.load(path)[1]["config"]["editor"]))
+    _, meta = checkpoint.load(path, with_tensors=False)  # the tensors load later, once
+    saved = asdict(method.saved_config(meta["config"]["editor"]))
     changed = {k: (saved[k], v) for k, v in asdict(config).items()
                if k not in NEUTRAL and saved[k] != v}
     if changed:

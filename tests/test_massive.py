@@ -83,6 +83,42 @@ def test_chunked_meta_training_step_equals_unchunked(tiny, rule, cache):
     assert any(g.abs().sum() > 0 for g in g_one.values())
 
 
+def test_loss_facts_scores_a_seeded_subset_and_all_of_them_equals_unset(tiny):
+    """`train.loss_facts`: the meta-loss reads the rephrase and NQ rows of a seeded subset of
+    the step's facts (the shift still comes from all); a subset as large as the step is the
+    plain step, to the last bit."""
+    facts = tiny[3]
+    out = {}
+    for k in (None, 12, 4):
+        ed = editor_for(tiny)
+        perturbed(ed.hypernet)
+        data = prepare_data(ed, facts[:16], facts[16:20], LOC, True, 8)
+        trainer = MetaTrainer(ed, data, train_cfg(n_edits=12, loss_facts=k), LOC)
+        seen = {}
+        backward = trainer.meta_backward
+
+        def spy(parts, backward=backward, seen=seen):
+            seen.update({p: len(rows) for p, (rows, _, _) in parts.items()})
+            return backward(parts)
+
+        trainer.meta_backward = spy
+        record = trainer.step()
+        out[k] = (record, seen, {n: p.grad.clone() for n, p in ed.hypernet.named_parameters()
+                                 if p.grad is not None})
+    assert out[None][1]["rephrase_loss"] == out[None][1]["loc_nq"] == 12
+    assert out[4][1]["rephrase_loss"] == out[4][1]["loc_nq"] == 4
+    assert out[4][1]["loc_instruction"] == out[None][1]["loc_instruction"]  # pools: as before
+    assert out[12][0] == out[None][0]
+    assert all(torch.equal(out[12][2][n], g) for n, g in out[None][2].items())
+    assert out[4][0]["key_rows"] == out[None][0]["key_rows"]  # the shift: all 12 facts
+    assert out[4][0]["rephrase_loss"] != out[None][0]["rephrase_loss"]
+    assert any(g.abs().sum() > 0 for g in out[4][2].values())
+    subsets = [trainer.loss_subset(s, 12) for s in range(5)]
+    assert all(len(set(s)) == 4 and s == sorted(s) for s in subsets)
+    assert subsets == [trainer.loss_subset(s, 12) for s in range(5)] and len(
+        set(map(tuple, subsets))) > 1
+
+
 def test_n_edits_beyond_the_pool_is_an_error_and_lists_are_drawn(tiny):
     facts = tiny[3]
     ed = editor_for(tiny)

@@ -165,6 +165,7 @@ def test_conflicts_duplicates_and_degenerate_facts(ed):
     ("train.n_edits=0", "train.n_edits must be a positive number"),
     ("train.steps=-1", "train.steps must be an integer >= 1"),
     ("train.augment.swap=1.5", r"train.augment.swap must be a probability in \[0, 1\]"),
+    ("train.loss_facts=0", "train.loss_facts must be null or an integer >= 1"),
     ("train.n_edits=5000", r"train.n_edits=5000 is more facts than the training pool holds"),
 ])
 def test_bad_training_config_fails_at_once(tmp_path, override, message):

@@ -35,6 +35,10 @@ class TrainConfig:
     max_grad_norm: float = option(1.0, "gradient clipping norm")
     rephrase_coef: float = option(1.0, "weight of the CE of the target on the rephrases")
     edit_coef: float = option(0.0, "> 0: adds the CE of the target on the edit prompts")
+    loss_facts: int | None = option(None, "meta-loss on a seeded subset of this many of a "
+                                    "step's facts (their rephrases and per-fact locality "
+                                    "rows; the shift still comes from all): cheaper large-N "
+                                    "steps, an unbiased estimate of the loss (null: all)")
     lm_chunk: int = option(32, "rows per meta-loss forward/backward (bounds memory at any N)")
     augment: AugmentConfig = field(default_factory=AugmentConfig,
                                    metadata={"help": "more distinct training edits"})

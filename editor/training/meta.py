@@ -129,6 +129,15 @@ class MetaTrainer:
             out.append(pair[::-1] if float(torch.rand((), generator=g)) < swap else pair)
         return out
 
+    def loss_subset(self, step: int, m: int) -> list[int]:
+        """Positions (in the step's facts) whose rows enter the meta-loss: all, or a seeded
+        subset of `train.loss_facts`."""
+        k = self.cfg.get("loss_facts")
+        if k is None or k >= m:
+            return list(range(m))
+        g = torch.Generator().manual_seed(self.seed * 100057 + step)
+        return sorted(torch.randperm(m, generator=g)[:k].tolist())
+
     def loc_rows(self, step: int, idx: list[int]) -> dict[str, list[dict]]:
         g = torch.Generator().manual_seed(self.seed * 100003 + step)
         rows = {}
@@ -178,7 +187,10 @@ class MetaTrainer:
         m = self.n_edits(self.step_count)
         idx = self.fact_indices(self.step_count)
         edit_rows, gen_rows = zip(*self.variants(self.step_count, idx))
-        locs = {s: r for s, r in self.loc_rows(self.step_count, idx).items() if r}
+        scored = self.loss_subset(self.step_count, m)  # the facts whose rows enter the loss
+        gen_rows = [gen_rows[i] for i in scored]
+        locs = {s: r for s, r in self.loc_rows(self.step_count, [idx[i] for i in scored]).items()
+                if r}
 
         # 1. capture (and update the running normalisers: training only)
         if "captured" in edit_rows[0]:
@@ -198,7 +210,7 @@ class MetaTrainer:
         parts = {"rephrase_loss": (list(gen_rows), cfg.rephrase_coef, "ce")}
         parts.update({f"loc_{s}": (r, self.coefs[s], "kl") for s, r in locs.items()})
         if cfg.edit_coef > 0:  # the edit prompts themselves, after the edit
-            parts["edit_after"] = (list(edit_rows), cfg.edit_coef, "ce")
+            parts["edit_after"] = ([edit_rows[i] for i in scored], cfg.edit_coef, "ce")
         weights = [mod.weight for mod in ed.modules.values()]
         for w in weights:
             w.requires_grad_(True)
@@ -398,7 +410,8 @@ def check_config(cfg) -> None:
     for name in ("scalar_lr", "rephrase_coef", "edit_coef"):
         need(f"train.{name}", number(0), "a number >= 0")
     need("train.augment.swap", number(0, 1), "a probability in [0, 1]")
-    need("train.train_facts", lambda v: v is None or integer(1)(v), "null or an integer >= 1")
+    for name in ("train_facts", "loss_facts"):
+        need(f"train.{name}", lambda v: v is None or integer(1)(v), "null or an integer >= 1")
     need("train.val_ns", lambda v: v is None or (len(v) > 0 and all(map(integer(1), v))),
          "null or a list of integers >= 1")
     if "hyper_chunk" in cfg.editor:

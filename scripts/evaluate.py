@@ -10,7 +10,8 @@
 Writes results.json (one record per method x N x dataset x metric, plus the config),
 results.md (with the behaviour change against the unedited model) and results.png into the
 hydra run folder; both files are rewritten after each method, so a stopped run keeps the
-methods it finished.
+methods and N it finished; run again with the same overrides and
+`hydra.run.dir=<its folder>`, it resumes (what results.json holds is not measured again).
 """
 
 import json
@@ -25,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from editor.evaluation.report import plot_records, report
 from editor.evaluation.config import register
 from editor.evaluation.sequential import plot_retention
-from editor.evaluation.suite import evaluate
+from editor.evaluation.suite import evaluate, finished
 from editor.files import write_atomic
 
 register()  # the eval group (typed, in editor.evaluation.config)
@@ -37,13 +38,16 @@ def main(cfg: DictConfig) -> None:
     start = time.perf_counter()
     out = Path(HydraConfig.get().runtime.output_dir)
 
+    config = OmegaConf.to_container(cfg, resolve=True)
+    done = finished(out / "results.json", config)  # a stopped run in this folder resumes
+
     def save(records):
         write_atomic(out / "results.json", json.dumps(
-            {"config": OmegaConf.to_container(cfg, resolve=True), "records": records,
+            {"config": config, "records": records,
              "seconds": time.perf_counter() - start}, indent=2))
         write_atomic(out / "results.md", report(records))
 
-    records = evaluate(cfg, save)
+    records = evaluate(cfg, save, done)
     plot_records(records, out / "results.png")
     if cfg.eval.sequential.batches > 0:
         plot_retention(records, out / "retention.png")

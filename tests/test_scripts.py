@@ -120,11 +120,12 @@ def test_evaluate_script_on_tiny_llama(tmp_path, tiny_llama_checkpoint):
     small = ["eval.kl_conversations=4", "eval.refusal_tokens=4", "eval.answer_tokens=4",
              "eval.ifeval.limit=4", "eval.advbench.limit=4", "eval.xstest.limit=4",
              "eval.max_new_tokens=8", "eval.gen_limit=4"]
-    stdout = run("evaluate.py", "model=tiny-llama", "eval.ns=[1,8]", "eval.behaviour_ns=[8]",
-                 "methods.ft.steps=3", "methods.ft.lr=1e-2", "eval.max_n.malmen-chat=1",
-                 "~methods.memit", "~methods.alphaedit", f"editors_dir={editors}",
-                 *small, f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path,
-                 env={"CHATEDIT_CACHE": str(tmp_path / "cache")})
+    args = ["evaluate.py", "model=tiny-llama", "eval.ns=[1,8]", "eval.behaviour_ns=[8]",
+            "methods.ft.steps=3", "methods.ft.lr=1e-2", "eval.max_n.malmen-chat=1",
+            "~methods.memit", "~methods.alphaedit", f"editors_dir={editors}", *small,
+            f"hydra.run.dir={tmp_path / 'eval'}"]
+    env = {"CHATEDIT_CACHE": str(tmp_path / "cache")}
+    stdout = run(*args, cwd=tmp_path, env=env)
     assert "skipping methods without a checkpoint: malmen-nq, mend" in stdout
     result = json.loads((tmp_path / "eval" / "results.json").read_text())
     records = result["records"]
@@ -150,6 +151,27 @@ def test_evaluate_script_on_tiny_llama(tmp_path, tiny_llama_checkpoint):
     changes = (tmp_path / "eval" / "results.md").read_text().split("Change against")[1]
     assert "| ft | zsre | 8 |" in changes and "| unedited |" not in changes
     assert result["config"]["eval"]["ns"] == [1, 8]
+
+    # stopped before ft's CounterFact N = 1: run again in its folder, only that is measured
+    path = tmp_path / "eval" / "results.json"
+    result["records"] = [r for r in records if (r["method"], r["dataset"], r["n"]) !=
+                         ("ft", "counterfact", 1)]
+    path.write_text(json.dumps(result))
+    stdout = run(*args, cwd=tmp_path, env=env)
+    assert "resuming: 9 method x dataset x N already measured" in stdout
+    assert [line.split(":")[0] for line in stdout.splitlines() if " N=" in line] == \
+        ["ft counterfact N=1"]
+    again = {(r["method"], r["dataset"], r["n"], r["metric"]): r["value"]
+             for r in json.loads(path.read_text())["records"]}
+    assert again.keys() == value.keys()
+    timing = [k for k in value if k[3].endswith("seconds")]
+    assert all(again[k] == value[k] for k in value if k[:3] != ("ft", "counterfact", 1)
+               or k not in timing)  # kept as they were; FT's edit is deterministic
+    # with other overrides it refuses, naming what differs, before any work
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), *args[1:],
+                          "eval.ns=[1,3]"], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1", **env}, timeout=600)
+    assert out.returncode != 0 and "config differs in: eval" in out.stderr, out.stderr[-2000:]
 
 
 def test_evaluate_script_sequential_protocol_on_tiny_llama(tmp_path, tiny_llama_checkpoint):
@@ -180,3 +202,4 @@ def test_evaluate_script_sequential_protocol_on_tiny_llama(tmp_path, tiny_llama_
         ls = [r["value"] for r in records if r["method"] == method and r["metric"] == "LS"]
         assert len(ls) == 2 and all(0 <= v <= 1 for v in ls)
     assert (tmp_path / "eval" / "retention.png").exists()
+

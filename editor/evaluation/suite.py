@@ -15,6 +15,7 @@ dataset x metric.
 
 from __future__ import annotations
 
+import json
 import time
 from functools import cached_property
 from pathlib import Path
@@ -118,9 +119,24 @@ def behaviour_metrics(model, tok, drift, cfg) -> dict:
                                          system=cfg.model.system_prompt)["scores"]}
 
 
-def evaluate(cfg, save=None) -> list[dict]:
-    """All records; `save(records)` is called after each method, so a stopped run keeps the
-    methods it finished."""
+def finished(path: Path, config: dict) -> list[dict]:
+    """The records of a stopped run in the same folder (`path`, its results.json), which
+    the run resumes from; none without one; an error if it was run with another config."""
+    if not path.exists():
+        return []
+    saved = json.loads(path.read_text())
+    changed = sorted(k for k in {**saved["config"], **config}
+                     if saved["config"].get(k) != config.get(k))
+    if changed:
+        raise ValueError(f"{path} holds the results of another evaluation (config differs in: "
+                         f"{', '.join(changed)}); use a new run folder or the same overrides")
+    return saved["records"]
+
+
+def evaluate(cfg, save=None, done=()) -> list[dict]:
+    """All records; `save(records)` is called after each method and N, so a stopped run
+    keeps what it finished; `done` (`finished`) are the records of a stopped run, whose
+    method x dataset x N (sequential: method) are not measured again."""
     model, tok = load_model(cfg.model.name, dtype=cfg.model.dtype, device=cfg.device,
                             chat_template=cfg.model.chat_template)
     methods = {k: v for k, v in cfg.methods.items() if checkpoint(k, v, cfg) is not False}
@@ -130,7 +146,7 @@ def evaluate(cfg, save=None) -> list[dict]:
               f"{cfg.editors_dir}/<method>/; `make editors` trains them)")
     drift = Drift(model, tok, cfg) if cfg.eval.behaviour_ns else None  # only where measured
     pools = {d: list(load_facts(d, cfg.eval.split)) for d in cfg.eval.datasets}
-    refs, records = {}, []
+    refs = {}
 
     def reference(dataset, first):
         if (dataset, first) not in refs:
@@ -140,46 +156,56 @@ def evaluate(cfg, save=None) -> list[dict]:
             print(f"reference {dataset}: {time.perf_counter() - start:.0f}s")
         return refs[dataset, first]
 
+    records = list(done)
+    covered = {(r["method"], r["dataset"], r["n"]) for r in records}
+    if records:
+        print(f"resuming: {len(covered)} method x dataset x N already measured")
     if cfg.eval.sequential.batches > 0:
-        return run_sequential(cfg, model, tok, methods, pools, reference, drift, save)
+        return run_sequential(cfg, model, tok, methods, pools, reference, drift, save, records)
     for name, spec in methods.items():
-        editor = editor_for(name, spec, model, tok, cfg).shifter
         max_n = cfg.eval.max_n.get(name) or float("inf")
-        for dataset, pool in pools.items():
+        todo = [(d, n) for d, pool in pools.items()
+                for n in sorted({min(n, len(pool)) for n in cfg.eval.ns if n <= max_n})
+                if (name, d, n) not in covered]
+        if not todo:
+            continue
+        editor = editor_for(name, spec, model, tok, cfg).shifter
+        for dataset, n in todo:
+            pool = pools[dataset]
             ref = reference(dataset, editor.first)
-            behaviour_ns = {min(b, len(pool)) for b in cfg.eval.behaviour_ns}
-            for n in sorted({min(n, len(pool)) for n in cfg.eval.ns if n <= max_n}):
-                behaviour = n in behaviour_ns and dataset == cfg.eval.datasets[0]
+            behaviour = dataset == cfg.eval.datasets[0] and n in {
+                min(b, len(pool)) for b in cfg.eval.behaviour_ns}
+            start = time.perf_counter()
+            if isinstance(editor, NoEditor):  # no edit: slices of the reference
+                metrics = ref.unedited(n)
+                if behaviour:
+                    metrics.update(behaviour_metrics(model, tok, drift, cfg))
+            else:
+                def extra(facts=pool[:n], behaviour=behaviour):
+                    out = generation_metrics(matches(model, tok, facts[:cfg.eval.gen_limit],
+                                                     cfg))
+                    return {**out, **behaviour_metrics(model, tok, drift, cfg)} \
+                        if behaviour else out
 
-                start = time.perf_counter()
-                if isinstance(editor, NoEditor):  # no edit: slices of the reference
-                    metrics = ref.unedited(n)
-                    if behaviour:
-                        metrics.update(behaviour_metrics(model, tok, drift, cfg))
-                else:
-                    def extra(facts=pool[:n], behaviour=behaviour):
-                        out = generation_metrics(matches(model, tok, facts[:cfg.eval.gen_limit],
-                                                         cfg))
-                        return {**out, **behaviour_metrics(model, tok, drift, cfg)} \
-                            if behaviour else out
-
-                    rows = {k: present(rs[:n]) for k, rs in ref.rows.items()}
-                    metrics = edit_metrics(editor, rows, cfg.eval.batch_size, extra,
-                                           before=present(ref.before["loc"][:n]))
-                metrics["seconds"] = time.perf_counter() - start
-                print(f"{name} {dataset} N={n}: " +
-                      ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
-                records += [{"method": name, "dataset": dataset, "n": n, "metric": k,
-                             "value": float(v)} for k, v in metrics.items() if k != "n_facts"]
+                rows = {k: present(rs[:n]) for k, rs in ref.rows.items()}
+                metrics = edit_metrics(editor, rows, cfg.eval.batch_size, extra,
+                                       before=present(ref.before["loc"][:n]))
+            metrics["seconds"] = time.perf_counter() - start
+            print(f"{name} {dataset} N={n}: " +
+                  ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+            records += [{"method": name, "dataset": dataset, "n": n, "metric": k,
+                         "value": float(v)} for k, v in metrics.items() if k != "n_facts"]
+            if save is not None:
+                save(records)
         editor.restore()
-        if save is not None:
-            save(records)
     return records
 
 
-def run_sequential(cfg, model, tok, methods, pools, reference, drift, save) -> list[dict]:
+def run_sequential(cfg, model, tok, methods, pools, reference, drift, save,
+                   records) -> list[dict]:
     """`eval.sequential` ({batches: T, size: N}) on the first dataset, every method but the
-    unedited one (`sequential.py`); `save(records)` after each method."""
+    unedited one (`sequential.py`), after `records` (a stopped run's: their methods are
+    skipped); `save(records)` after each method."""
     seq = cfg.eval.sequential
     batches, size, every = int(seq.batches), int(seq.size), int(seq.get("every", 1))
     if every < 1:
@@ -190,8 +216,10 @@ def run_sequential(cfg, model, tok, methods, pools, reference, drift, save) -> l
         raise ValueError(f"eval.sequential: {batches} x {size} facts, but {dataset} "
                          f"{cfg.eval.split} has {len(facts)} distinct prompts")
     pools[dataset] = facts = facts[:batches * size]  # what `reference` reads
-    records = []
+    measured = {r["method"] for r in records}
     for name, spec in methods.items():
+        if name in measured:
+            continue
         editor = editor_for(name, spec, model, tok, cfg)
         if isinstance(editor.shifter, NoEditor):  # the behaviour every method ends against
             if drift:

@@ -62,6 +62,48 @@ def test_edit_raises_the_target_probability_and_reaches_the_values(tiny, method)
     assert target_nll(model, tok) == nll
 
 
+def test_target_values_are_searched_once_per_weights_options_and_row(tiny_llama):
+    """MEMIT's z are remembered by weights, value options and row: AlphaEdit on the same
+    model, or a fact again in a larger batch, reuse them (equal to a fresh search); other
+    weights or options search again."""
+    from editor import memit
+
+    model, tok = tiny_llama
+    memit.VALUES.clear()  # (a test before this one may have searched these rows)
+    rows = [fact_row(tok, f, "edit") for f in FACTS]
+    batch, pos = padded(model, tok, rows), padded(model, tok, rows)["subject_last"]
+    one = padded(model, tok, rows[1:])
+    searched = []
+
+    def editor(method, **options):
+        shifter = Editor.from_pretrained(model, tokenizer=tok, method=method, mom2_weight=1.0,
+                                         **SMALL, **options).shifter
+        search = shifter._values
+        shifter._values = lambda b, p: searched.append(len(p)) or search(b, p)
+        return shifter
+
+    z = editor("memit").target_values(batch, pos)
+    assert searched == [2]
+    z_one = editor("alphaedit").target_values(one, one["subject_last"])
+    assert searched == [2] and torch.equal(z_one[0], z[1])
+    memit.VALUES.clear()
+    fresh = editor("memit").target_values(one, one["subject_last"])
+    # alone, not padded beside another row: the same search, up to float noise
+    assert searched == [2, 1] and torch.allclose(fresh[0], z[1], atol=1e-3)
+    editor("memit", v_steps=3).target_values(batch, pos)
+    assert searched == [2, 1, 2]
+    module = next(iter(editor("memit").modules.values()))
+    saved = module.weight.detach().clone()
+    try:
+        with torch.no_grad():
+            module.weight.mul_(1.1)
+        editor("memit").target_values(batch, pos)
+        assert searched == [2, 1, 2, 2]
+    finally:
+        with torch.no_grad():
+            module.weight.copy_(saved)
+
+
 def test_alphaedit_keeps_the_outputs_on_its_preserved_keys(tiny_llama):
     model, tok = tiny_llama
     ed = Editor.from_pretrained(model, tokenizer=tok, method="alphaedit", l2=1e-4, **SMALL)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from hypernet import HyperNetwork
+from hypernet.solve import coupled_extend, coupled_solve
 
 from .chat import encode_facts
 from .lm import ChatLM, capture, first_block, forward, row_chunks
@@ -207,6 +208,7 @@ class HyperEditor(BaseEditor):
         self.hypernet, self.solve_dtype, self.chunk_size = hypernet, solve_dtype, chunk_size
         self.hyper_chunk, self.eot_rows, self.step_scale = hyper_chunk, eot_rows, step_scale
         self.joint = joint and hypernet.solves
+        self._held = {}  # coupled joint solves: group -> (its batches' keys, factor, [S_l])
 
     @classmethod
     def from_config(cls, model, tokenizer, modules, config: HyperConfig, system=None,
@@ -292,7 +294,10 @@ class HyperEditor(BaseEditor):
 
     def coupled_joint(self, captured, joint: bool, lap) -> dict[str, torch.Tensor]:
         """Coupled solves (`HyperNetwork.couple`) over this batch's rows and, jointly, the
-        rows of the batches in `applied` (their keys and summed D, kept in order)."""
+        rows of the batches in `applied` (their keys and summed D, kept in order). The
+        factor and the solve of the rows so far are kept (`held`), so a batch in turn costs
+        its own rows' extension of the factor (`coupled_extend`), not a refactorization of
+        every row edited so far; rebuilt from the statistics after a rollback or a load."""
         hn, shifts = self.hypernet, {}
         for group in hn.groups(captured):
             keys = [captured[n][0] for n in group]
@@ -302,21 +307,41 @@ class HyperEditor(BaseEditor):
             self.stats.update({f"{n}:rows": torch.tensor([k.shape[0]], dtype=torch.float64)
                                for n, k in zip(group, keys)})
             self.stats[f"{group[0]}:values"] = values.float().cpu()
-            if joint:
+            applied = [b[f"{group[0]}:keys"] for b in self.applied] if joint else []
+            if applied:
                 def kept(part, name, like):
                     return torch.cat([b[f"{name}:{part}"] for b in self.applied]).to(like)
 
                 prev_keys = [kept("keys", n, k) for n, k in zip(group, keys)]
                 prev_values = kept("values", group[0], values)
-                new = hn.solve_coupled(group, [torch.cat(p) for p in zip(prev_keys, keys)],
-                                       torch.cat([prev_values, values]), self.solve_dtype)
-                old = hn.solve_coupled(group, prev_keys, prev_values, self.solve_dtype)
-                new = [a - b for a, b in zip(new, old)]
+                all_values = torch.cat([prev_values, values])
+                if hn.reg_rows:  # lambda and mu change with the rows: solve all again
+                    old = coupled_solve(hn.factor_coupled(group, prev_keys, self.solve_dtype),
+                                        prev_values)
+                    factor = hn.factor_coupled(group, [torch.cat(p) for p in zip(
+                        prev_keys, keys)], self.solve_dtype)
+                else:
+                    factor, old = self.held(group, applied, prev_keys, prev_values)
+                    factor = coupled_extend(factor, keys)
             else:  # the first batch: its own solve, as for any single edit
-                new = hn.solve_coupled(group, keys, values, self.solve_dtype)
-            shifts.update(zip(group, new))
+                factor, old, all_values = hn.factor_coupled(group, keys, self.solve_dtype), \
+                    None, values
+            new = coupled_solve(factor, all_values)
+            self._held[group[0]] = (applied + [self.stats[f"{group[0]}:keys"]], factor, new)
+            shifts.update(zip(group, [(a if b is None else a - b).to(values.dtype)
+                                      for a, b in zip(new, old or [None] * len(new))]))
             lap("solve")
         return shifts
+
+    def held(self, group, applied: list, keys: list, values):
+        """(factor, [S_l]) of the coupled solve over the rows of `applied` (their `keys` and
+        `values`): those kept by the last edit when it covered exactly these batches, else
+        solved again."""
+        rows, factor, solved = self._held.get(group[0], ([], None, None))
+        if len(rows) == len(applied) and all(a is b for a, b in zip(rows, applied)):
+            return factor, solved
+        factor = self.hypernet.factor_coupled(group, keys, self.solve_dtype)
+        return factor, coupled_solve(factor, values)
 
 
 def summed(batches: list[dict], name: str) -> dict[str, torch.Tensor]:

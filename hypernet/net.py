@@ -437,13 +437,16 @@ class HyperNetwork(nn.Module):
         """MALMEN's S of module `name` from keys and desired value shifts D."""
         return self.net(name).solve(keys, values, self.index[name], dtype)
 
+    def factor_coupled(self, names: list[str], keys: list, dtype=torch.float32):
+        """The coupled solve's factors (`CoupledFactor`) of modules `names` (one shape)."""
+        return self.net(names[0]).coupled_factor(keys, [self.index[n] for n in names], dtype)
+
     @torch.no_grad()
     def solve_coupled(self, names: list[str], keys: list, values,
                       dtype=torch.float32) -> list[torch.Tensor]:
         """The coupled solve's [S_l] of modules `names` (one shape) from their keys and the
         summed desired value shifts D (n x d_v)."""
-        net = self.net(names[0])
-        factor = net.coupled_factor(keys, [self.index[n] for n in names], dtype)
+        factor = self.factor_coupled(names, keys, dtype)
         return [s.to(values.dtype) for s in coupled_solve(factor, values)]
 
     @torch.no_grad()

@@ -224,6 +224,38 @@ def coupled_factorize(keys: list[torch.Tensor], lams, dtype=torch.float32, prior
     return CoupledFactor(chol_b, chol_r, proj, ks, lam_t, priors, mu_t)
 
 
+def coupled_extend(factor: CoupledFactor, keys: list[torch.Tensor]) -> CoupledFactor:
+    """`factor` with m more rows (their keys K'_l, m x d_k_l) and the same R_l: only the new
+    rows' W'_l = R_l^-1 K'_l^T, their blocks of B and the Cholesky factor's new rows,
+        B = [[B11, B12], [B12^T, B22]] = [[L11, 0], [L21, L22]] [[L11, 0], [L21, L22]]^T,
+        L21 = (L11^-1 B12)^T,   L22 = chol(B22 - L21 L21^T),
+    so rows added in turn cost O(m n d_k) per module, not a refactorization of all n + m
+    (equal to `coupled_factorize` of all rows to float tolerance)."""
+    dtype, chol = factor.chol_b.dtype, factor.chol_b
+    new = [k.to(dtype) for k in keys]
+    if len(new) != len(factor.keys) or any(
+            k.ndim != 2 or k.shape[0] != new[0].shape[0] or k.shape[1] != old.shape[1]
+            for k, old in zip(new, factor.keys)):
+        raise ValueError(f"coupled_extend: keys must be m x d_k for each of the factor's "
+                         f"{len(factor.keys)} modules, got {[tuple(k.shape) for k in keys]}")
+    proj = [torch.cholesky_solve(k.T.contiguous(), r) for k, r in zip(new, factor.chol_r)]
+    b12 = sum(k @ w for k, w in zip(factor.keys, proj))
+    b22 = torch.eye(new[0].shape[0], dtype=dtype, device=chol.device) + sum(
+        k @ w for k, w in zip(new, proj))
+    l21 = torch.linalg.solve_triangular(chol, b12, upper=False).T
+    l22, info = torch.linalg.cholesky_ex(b22 - l21 @ l21.T)
+    if info.item() != 0:
+        raise FloatingPointError("coupled least-squares matrix is not positive definite; keys "
+                                 "contain NaN/Inf (try float64)")
+    n, m = chol.shape[0], new[0].shape[0]
+    full = chol.new_zeros(n + m, n + m)
+    full[:n, :n], full[n:, :n], full[n:, n:] = chol, l21, l22
+    return CoupledFactor(full, factor.chol_r, [torch.cat([w, w2], 1) for w, w2 in
+                                               zip(factor.proj, proj)],
+                         [torch.cat([k, k2]) for k, k2 in zip(factor.keys, new)], factor.lams,
+                         factor.priors, factor.mus)
+
+
 def coupled_solve(factor: CoupledFactor, values: torch.Tensor) -> list[torch.Tensor]:
     """[S_l] (d_k x d_v each) from the summed desired value shifts D (n x d_v)."""
     a = torch.cholesky_solve(values.to(factor.chol_b.dtype), factor.chol_b)

@@ -311,6 +311,25 @@ def test_coupled_solve_is_the_ridge_solve_over_concatenated_keys(n):
         assert min(residual[1:]) > 0.3
 
 
+def test_coupled_factor_extended_by_rows_equals_the_factor_of_all_rows():
+    """Rows added in turn (`coupled_extend`, twice) give the factor and the solve of all the
+    rows factorized at once; keys of another width are refused."""
+    from hypernet.solve import coupled_extend, coupled_factorize, coupled_solve
+
+    keys, values, priors = coupled_problem(50)
+    lams, mus = [0.7, 1.3, 0.4], [2.0, 0.5, 1.0]
+    factor = coupled_factorize([k[:20] for k in keys], lams, F64, priors, mus)
+    factor = coupled_extend(coupled_extend(factor, [k[20:35] for k in keys]),
+                            [k[35:] for k in keys])
+    full = coupled_factorize(keys, lams, F64, priors, mus)
+    assert torch.allclose(factor.chol_b, full.chol_b, atol=1e-10)
+    assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(factor.proj, full.proj))
+    assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(
+        coupled_solve(factor, values), coupled_solve(full, values)))
+    with pytest.raises(ValueError, match="keys must be m x d_k"):
+        coupled_extend(factor, [k[:3, :5] for k in keys])
+
+
 @pytest.mark.parametrize("prior", [False, True])
 def test_coupled_shifts_and_backward_equal_autograd(prior):
     """HyperNetwork(couple=True): shifts() of two same-shape modules (and a third of another

@@ -67,3 +67,33 @@ def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
         i, name = key.split(".", 1)
         state.setdefault(int(i), {})[name] = value
     opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def pack(obj, tensors: dict[str, torch.Tensor]):
+    """`obj` (nested dicts with str keys, lists, tuples, sets, tensors, JSON scalars) as
+    JSON, each tensor moved into `tensors` under a name of its own (`unpack` inverts it)."""
+    if isinstance(obj, torch.Tensor):
+        name = str(len(tensors))
+        tensors[name] = obj.clone()  # rows' tensors are often views of one batch's
+        return {"__tensor__": name}
+    if isinstance(obj, dict):
+        return {"__dict__": [[k, pack(v, tensors)] for k, v in obj.items()]}
+    if isinstance(obj, tuple | set):
+        kind = "__tuple__" if isinstance(obj, tuple) else "__set__"
+        return {kind: [pack(v, tensors) for v in (sorted(obj) if kind == "__set__" else obj)]}
+    if isinstance(obj, list):
+        return [pack(v, tensors) for v in obj]
+    return obj
+
+
+def unpack(obj, tensors: dict[str, torch.Tensor]):
+    if isinstance(obj, list):
+        return [unpack(v, tensors) for v in obj]
+    if isinstance(obj, dict):
+        (kind, value), = obj.items()
+        if kind == "__tensor__":
+            return tensors[value]
+        if kind == "__dict__":
+            return {k: unpack(v, tensors) for k, v in value}
+        return (tuple if kind == "__tuple__" else set)(unpack(v, tensors) for v in value)
+    return obj

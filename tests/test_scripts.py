@@ -54,6 +54,7 @@ def test_edit_script_adds_a_batch_to_an_earlier_sessions_edits(tmp_path):
 
 def test_edit_script_trains_and_caches_a_quick_editor(tmp_path):
     quick = ["locality=nq", "train.steps=2", "train.n_edits=4", "train.val_every=2",
+             "train.train_facts=16",
              "data.val_size=4", "train.test_facts=4", "editor.rank=8"]
     quick = "quick_train=[" + ",".join(f"'{o}'" for o in quick) + "]"
     args = ["edit.py", "model=tiny-llama", "n_facts=2", "max_new_tokens=4", quick]

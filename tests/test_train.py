@@ -59,6 +59,7 @@ def test_killed_run_resumes_on_the_same_curve(tmp_path):
     for x, y in zip(a[1:], b[1:]):
         assert x["rephrase_loss"] == pytest.approx(y["rephrase_loss"], rel=1e-4), (x, y)
     assert resumed["val_ES"] == pytest.approx(full["val_ES"], abs=1e-6)
+    assert not (tmp_path / "full" / "prepared.safetensors").exists()  # kept until done
     with pytest.raises(AssertionError, match="couple True -> False"):  # before any work
         train(tmp_path, "part", "model=tiny-llama", "train.steps=12", "locality=nq",
               "editor.couple=false")
@@ -109,3 +110,51 @@ def test_key_prior_is_trained_saved_and_used_by_the_api(tmp_path):
     for name, s in shifted.items():
         c = net.prior[ed.shifter.hypernet.index[name]]
         assert torch.trace(frozen[name].T @ c @ frozen[name]) < 0.1 * torch.trace(s.T @ c @ s)
+
+
+def test_prepared_data_is_kept_for_a_resume_and_loads_equal(tmp_path, monkeypatch):
+    """A run's prepared data (`run.prepare`) is written to its folder and read back, tensor
+    for tensor, instead of preparing again; other settings prepare anew (a finished run
+    removes it: test_killed_run_resumes_on_the_same_curve)."""
+    import torch
+
+    from editor.data import load_facts
+    from editor.methods import get_method
+    from editor.training import run as run_module
+    from editor.training.quick import train_config
+
+    monkeypatch.setenv("CHATEDIT_CACHE", str(tmp_path / "cache"))
+    cfg = train_config(["model=tiny-llama", "data.val_size=4", "train.train_facts=6",
+                        "locality.pool_size=4", "locality.response_tokens=4", "editor.rank=8"])
+    method = get_method(cfg.editor.rule)
+    model, tok, modules = run_module._load(cfg)
+    editor = method.editor.from_config(model, tok, modules, method.config_from(
+        dict(cfg.editor)), cfg.model.system_prompt)
+    facts = {s: load_facts("zsre", s, val_size=4, limit=6 if s == "train" else None)
+             for s in ("train", "validation")}
+    path = tmp_path / run_module.PREPARED
+    first = run_module.prepare(cfg, editor, facts, path)
+    assert path.exists() and first.edit[0][0]["captured"] and first.priors
+    calls = []
+    prepare_data = run_module.prepare_data
+    monkeypatch.setattr(run_module, "prepare_data", lambda *a: calls.append(1) or
+                        prepare_data(*a))
+    again = run_module.prepare(cfg, editor, facts, path)
+    assert calls == []
+
+    def same(a, b):
+        if isinstance(a, torch.Tensor):
+            return torch.equal(a, b)
+        if isinstance(a, dict):
+            return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+        if isinstance(a, list | tuple):
+            return len(a) == len(b) and all(map(same, a, b))
+        return a == b
+
+    for name in ("edit", "rephrase", "nq", "pools", "val", "keys", "priors"):
+        assert same(getattr(first, name), getattr(again, name)), name
+    other = train_config(["model=tiny-llama", "data.val_size=4", "train.train_facts=5",
+                          "locality.pool_size=4", "locality.response_tokens=4"])
+    run_module.prepare(other, editor, {**facts, "train": facts["train"].select(range(5))},
+                       path)
+    assert calls == [1]  # another pool of training facts: prepared again

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -54,6 +54,7 @@ class TrainData:
     pools: dict[str, list[dict]] = field(default_factory=dict)  # instruction, harmful
     val: dict[str, list[dict | None]] = field(default_factory=dict)  # aligned fact_rows
     keys: list[set] = field(default_factory=list)  # per fact: its normalised prompts
+    priors: dict[str, torch.Tensor] = field(default_factory=dict)  # key priors C, if any
 
 
 PER_FACT, POOLS = ("nq", "subject"), ("instruction", "harmful")  # locality sources
@@ -314,9 +315,31 @@ def prepare_data(editor, train_facts, val_facts, loc_cfg, use_cache: bool, batch
     if loc_cfg is not None and editor.hypernet.has_prior:  # keys of the unrelated answers
         loc_rows = [r for r in data.nq + data.subject if r is not None]
         loc_rows += sum(data.pools.values(), [])
-        moments = editor.lm.key_moments(loc_rows, editor.modules, batch_size, progress=True)
-        for name, c in moments.items():
+        data.priors = editor.lm.key_moments(loc_rows, editor.modules, batch_size,
+                                            progress=True)
+        for name, c in data.priors.items():
             editor.hypernet.set_prior(name, c)
+    return data
+
+
+def save_data(path, data: TrainData, spec: str) -> None:
+    """`data` as one safetensors file (atomic), marked with `spec` (what it was prepared
+    from), so a killed run resumes without preparing again (`load_data`)."""
+    tensors = {}
+    packed = checkpoint.pack({f.name: getattr(data, f.name) for f in fields(data)}, tensors)
+    checkpoint.save(path, tensors, {"spec": spec, "data": packed})
+
+
+def load_data(path, spec: str, editor) -> TrainData | None:
+    """The data `save_data` wrote, if prepared from the same `spec` (None otherwise); the
+    key priors go into `editor`'s hypernetwork as `prepare_data` puts them."""
+    _, meta = checkpoint.load(path, with_tensors=False)
+    if meta.get("spec") != spec:
+        return None
+    tensors, meta = checkpoint.load(path)
+    data = TrainData(**checkpoint.unpack(meta["data"], tensors))
+    for name, c in data.priors.items():
+        editor.hypernet.set_prior(name, c)
     return data
 
 

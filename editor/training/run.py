@@ -24,11 +24,11 @@ from .. import checkpoint
 from ..chat import fact_rows
 from ..data import load_facts
 from ..evaluation.metrics import answer_matches, edit_metrics, generation_metrics
-from ..files import save_figure, write_atomic, write_json
+from ..files import digest, save_figure, write_atomic, write_json
 from ..methods import get_method
 from ..models import edit_modules, load_model
-from .meta import (MetaTrainer, check_config, check_pool, fact_keys, memory_estimate,
-                   prepare_data, sizes, train)
+from .meta import (MetaTrainer, check_config, check_pool, fact_keys, load_data,
+                   memory_estimate, prepare_data, save_data, sizes, train)
 
 
 def make_logger(cfg, out: Path, past: list[dict]):
@@ -149,9 +149,7 @@ def run(cfg, out: Path) -> dict:
     estimate = _estimate(cfg, editor, facts, trained)
     print("memory estimate (GiB): " + ", ".join(f"{k} {v:.2f}" for k, v in estimate.items()))
     start = time.perf_counter()
-    data = prepare_data(editor, facts["train"] if trained else [], facts["validation"],
-                        cfg.locality if trained else None, cfg.train.hidden_cache,
-                        cfg.train.batch_size, system, cfg.train.augment)
+    data = prepare(cfg, editor, facts, out / PREPARED if trained else None)
     metrics = {"prepare_seconds": time.perf_counter() - start, "memory_estimate_gib": estimate}
     print(f"prepared {len(data.edit)} training facts in {metrics['prepare_seconds']:.0f}s")
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -174,7 +172,35 @@ def run(cfg, out: Path) -> dict:
         metrics.update(test_metrics(cfg, editor, test))
     metrics["peak_rss_gib"] = peak_rss_gib()
     write_json(out / "metrics.json", metrics)
+    (out / PREPARED).unlink(missing_ok=True)  # done: nothing left to resume
     return metrics
+
+
+PREPARED = "prepared.safetensors"  # a meta-training run's prepared data, until it finishes
+
+
+def prepare(cfg, editor, facts, path: Path | None):
+    """`prepare_data` of the run, or, when `path` holds data prepared from the same config
+    (a killed run, resumed), that data: on a slow machine preparing takes longer than many
+    steps. Written there (`save_data`) for the next resume; the run removes it when done."""
+    trained = path is not None
+    spec = digest([OmegaConf.to_container(cfg.model, resolve=True),
+                   OmegaConf.to_container(cfg.data, resolve=True),
+                   OmegaConf.to_container(cfg.locality, resolve=True),
+                   {k: OmegaConf.to_container(cfg.train, resolve=True)[k]
+                    for k in ("train_facts", "hidden_cache", "batch_size", "augment")},
+                   cfg.editor.get("eot_rows"), cfg.editor.get("prior"), sorted(editor.modules)])
+    if trained and path.exists():
+        data = load_data(path, spec, editor)
+        if data is not None:
+            print(f"prepared data of the killed run: {path}")
+            return data
+    data = prepare_data(editor, facts["train"] if trained else [], facts["validation"],
+                        cfg.locality if trained else None, cfg.train.hidden_cache,
+                        cfg.train.batch_size, cfg.model.system_prompt, cfg.train.augment)
+    if trained:
+        save_data(path, data, spec)
+    return data
 
 
 def peak_rss_gib() -> float:

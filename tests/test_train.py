@@ -65,11 +65,15 @@ def test_killed_run_resumes_on_the_same_curve(tmp_path):
               "editor.couple=false")
 
 
-def test_checkpoint_holds_no_pickle_and_loads_with_safetensors(tmp_path):
+def test_checkpoint_holds_no_pickle_and_loads_with_safetensors_and_logs_to_wandb_offline(
+        tmp_path):
     from safetensors import safe_open
 
     train(tmp_path, "run", "model=tiny-gpt2", "train.steps=5", "locality=none",
-          "editor=mend", "train.edit_coef=1.0")
+          "editor=mend", "train.edit_coef=1.0", "wandb.enabled=true",  # offline: no network
+          env_extra={"WANDB_SILENT": "true"})
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*/*.wandb"))
+    assert len(runs) == 1 and runs[0].stat().st_size > 0  # the run's offline log
     with safe_open(str(tmp_path / "run" / "checkpoint.safetensors"), "pt") as f:
         keys = list(f.keys())
         meta = json.loads(f.metadata()["meta"])

@@ -15,6 +15,7 @@ module.
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -137,27 +138,60 @@ def suffix_only(model, first: int):
             h.remove()
 
 
-@torch.no_grad()
-def cache_hidden(model, batch, first: int) -> list[torch.Tensor]:
-    """Hidden states entering blocks[first] for each row of a right-padded batch (unpadded,
-    one T_i x d tensor per row, float32 on the CPU)."""
-    _, block_list = blocks(model)
+def shared_prefix(batch) -> int:
+    """Length of the tokens every row of a right-padded batch starts with (the chat
+    template's system turn), leaving each row at least one token of its own."""
+    ids, lengths = batch["input_ids"], batch["attention_mask"].sum(1)
+    same = (ids == ids[:1]).all(0).long().cumprod(0)
+    return min(int(same.sum()), int(lengths.min()) - 1)
+
+
+PREFIX_MIN = 8  # a shared prefix shorter than this is recomputed with each row
+
+
+def _hidden_at(model, block, **inputs) -> torch.Tensor:
+    """The hidden state entering `block` on `inputs`; the blocks above it never run."""
     seen = {}
 
     def grab(module, args, kwargs):
         seen["h"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         raise _Stop
 
-    handle = block_list[first].register_forward_pre_hook(grab, with_kwargs=True)
+    handle = block.register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                         use_cache=False)
+        model.base_model(**inputs)
     except _Stop:
         pass
     finally:
         handle.remove()
-    lengths = batch["attention_mask"].sum(1).tolist()
-    return [seen["h"][i, :n].float().cpu() for i, n in enumerate(lengths)]
+    return seen["h"]
+
+
+@torch.no_grad()
+def cache_hidden(model, batch, first: int) -> list[torch.Tensor]:
+    """Hidden states entering blocks[first] for each row of a right-padded batch (unpadded,
+    one T_i x d tensor per row, float32 on the CPU). The rows' shared prefix (the system
+    turn: half of a zsRE row's tokens on SmolLM2) runs once, the rest of each row on its
+    key-value cache."""
+    from transformers import DynamicCache
+
+    block = blocks(model)[1][first]
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    lengths = mask.sum(1).tolist()
+    p = shared_prefix(batch) if len(ids) > 1 and first > 0 else 0
+    if p < PREFIX_MIN:
+        h = _hidden_at(model, block, input_ids=ids, attention_mask=mask, use_cache=False)
+        return [h[i, :n].float().cpu() for i, n in enumerate(lengths)]
+    cache = DynamicCache(config=model.config)
+    # transformers renamed `past_key_values` to `cache` (5.x)
+    name = "cache" if "cache" in inspect.signature(model.base_model.forward).parameters \
+        else "past_key_values"
+    head = _hidden_at(model, block, input_ids=ids[:1, :p], attention_mask=mask[:1, :p],
+                      use_cache=True, **{name: cache})[0]
+    cache.batch_repeat_interleave(len(ids))
+    tail = _hidden_at(model, block, input_ids=ids[:, p:], attention_mask=mask, use_cache=True,
+                      **{name: cache})
+    return [torch.cat([head, tail[i, :n - p]]).float().cpu() for i, n in enumerate(lengths)]
 
 
 _LOGITS = {"everywhere": False}

@@ -45,6 +45,35 @@ def test_suffix_from_cached_hidden_states_equals_full_forward(setup):
 
 
 @BOTH
+def test_hidden_cache_runs_a_shared_prefix_once_and_equals_the_plain_forward(setup, monkeypatch):
+    """Rows that start alike (a system turn) share one prefix pass and its key-value cache:
+    the same hidden states as every row's own full pass, on fewer token positions."""
+    from editor import lm
+    from editor.models import blocks
+
+    _, model, tok, modules = setup
+    first = first_block(model, modules)
+    system = "You are a careful assistant who answers every question in very few words. "
+    rows = [encode_pair(tok, system + f["prompt"], f["target"]) for f in FACTS]
+    batch = lm.padded(model, tok, rows)
+    assert lm.shared_prefix(batch) >= lm.PREFIX_MIN
+    seen = []
+    hook = blocks(model)[1][0].register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(
+            (kwargs.get("hidden_states", args[0] if args else None)).shape[:2].numel()),
+        with_kwargs=True)
+    shared = lm.cache_hidden(model, batch, first)
+    monkeypatch.setattr(lm, "PREFIX_MIN", 10 ** 6)  # no prefix pass
+    n_shared = sum(seen)
+    plain = lm.cache_hidden(model, batch, first)
+    hook.remove()
+    assert sum(seen) - n_shared > n_shared  # the plain pass covers more positions
+    for a, b, row in zip(shared, plain, rows, strict=True):
+        assert a.shape == b.shape == (len(row["input_ids"]), model.config.hidden_size)
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+@BOTH
 def test_cached_final_states_give_the_unedited_logits(setup):
     """`logits_before` from cached final states (rows batched in another order and padding)
     equals the forward's logits, and stays the unedited model's after an edit."""

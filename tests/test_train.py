@@ -145,6 +145,11 @@ def test_prepared_data_is_kept_for_a_resume_and_loads_equal(tmp_path, monkeypatc
                         prepare_data(*a))
     again = run_module.prepare(cfg, editor, facts, path)
     assert calls == []
+    weights = train_config(["model=tiny-llama", "data.val_size=4", "train.train_facts=6",
+                            "locality.pool_size=4", "locality.response_tokens=4",
+                            "editor.rank=8", "locality.nq_coef=2.5", "locality.name=other"])
+    run_module.prepare(weights, editor, facts, path)
+    assert calls == []  # other locality weights, the same sources: the same data
 
     def same(a, b):
         if isinstance(a, torch.Tensor):
@@ -162,3 +167,8 @@ def test_prepared_data_is_kept_for_a_resume_and_loads_equal(tmp_path, monkeypatc
     run_module.prepare(other, editor, {**facts, "train": facts["train"].select(range(5))},
                        path)
     assert calls == [1]  # another pool of training facts: prepared again
+    run_module.prepare(train_config(["model=tiny-llama", "data.val_size=4",
+                                     "train.train_facts=5", "locality.pool_size=4",
+                                     "locality.response_tokens=4", "locality.harmful_coef=0"]),
+                       editor, {**facts, "train": facts["train"].select(range(5))}, path)
+    assert calls == [1, 1]  # a source left out (weight 0): prepared again

@@ -185,7 +185,10 @@ def prepare(cfg, editor, facts, path: Path | None):
     steps. Written there (`save_data`) for the next resume; the run removes it when done."""
     trained = path is not None
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    spec = digest([resolved["model"], resolved["data"], resolved["locality"],
+    # a locality weight decides only whether its source is prepared, not what it holds
+    locality = {k: v > 0 if k.endswith("_coef") else v
+                for k, v in resolved["locality"].items() if k != "name"}
+    spec = digest([resolved["model"], resolved["data"], locality,
                    {k: resolved["train"][k]
                     for k in ("train_facts", "hidden_cache", "batch_size", "augment")},
                    cfg.editor.get("eot_rows"), cfg.editor.get("prior"), sorted(editor.modules)])

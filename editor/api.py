@@ -26,8 +26,8 @@ import torch
 
 from . import checkpoint
 from .data import Fact
-from .extras import require
 from .editors import BaseEditor
+from .extras import require
 from .files import atomic_folder, check_folder, tensors_digest
 from .lm import accuracy, padded
 from .methods import get_method

@@ -2,8 +2,9 @@
 cache, and capture of keys and value gradients at the edited modules.
 
 Speed: blocks below the first edited one never change, so the
-hidden state entering that block is computed once per example (`with_hidden`) and
-meta-training runs only the top blocks (`forward` on a batch that carries `hidden`).
+hidden state entering that block is computed once per example (`with_hidden`; a batch's
+shared prefix, the chat template's system turn, once per batch) and meta-training runs
+only the top blocks (`forward` on a batch that carries `hidden`).
 Logits are computed only at positions that predict a label, and for locality rows the
 unedited model's last hidden state there is cached too (`with_final`), so the "before"
 side of the KL is one LM-head product. The keys and value gradients of a training fact
@@ -178,7 +179,7 @@ def cache_hidden(model, batch, first: int) -> list[torch.Tensor]:
     block = blocks(model)[1][first]
     ids, mask = batch["input_ids"], batch["attention_mask"]
     lengths = mask.sum(1).tolist()
-    p = shared_prefix(batch) if len(ids) > 1 and first > 0 else 0
+    p = shared_prefix(batch) if len(ids) > 1 and first > 0 else 0  # block 0: nothing to save
     if p < PREFIX_MIN:
         h = _hidden_at(model, block, input_ids=ids, attention_mask=mask, use_cache=False)
         return [h[i, :n].float().cpu() for i, n in enumerate(lengths)]

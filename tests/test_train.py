@@ -128,8 +128,12 @@ def test_prepared_data_is_kept_for_a_resume_and_loads_equal(tmp_path, monkeypatc
     from editor.training.quick import train_config
 
     monkeypatch.setenv("CHATEDIT_CACHE", str(tmp_path / "cache"))
-    cfg = train_config(["model=tiny-llama", "data.val_size=4", "train.train_facts=6",
-                        "locality.pool_size=4", "locality.response_tokens=4", "editor.rank=8"])
+
+    def config(*overrides):
+        return train_config(["model=tiny-llama", "data.val_size=4", "locality.pool_size=4",
+                             "locality.response_tokens=4", "editor.rank=8", *overrides])
+
+    cfg = config("train.train_facts=6")
     method = get_method(cfg.editor.rule)
     model, tok, modules = run_module._load(cfg)
     editor = method.editor.from_config(model, tok, modules, method.config_from(
@@ -145,10 +149,8 @@ def test_prepared_data_is_kept_for_a_resume_and_loads_equal(tmp_path, monkeypatc
                         prepare_data(*a))
     again = run_module.prepare(cfg, editor, facts, path)
     assert calls == []
-    weights = train_config(["model=tiny-llama", "data.val_size=4", "train.train_facts=6",
-                            "locality.pool_size=4", "locality.response_tokens=4",
-                            "editor.rank=8", "locality.nq_coef=2.5", "locality.name=other"])
-    run_module.prepare(weights, editor, facts, path)
+    run_module.prepare(config("train.train_facts=6", "locality.nq_coef=2.5",
+                              "locality.name=other"), editor, facts, path)
     assert calls == []  # other locality weights, the same sources: the same data
 
     def same(a, b):
@@ -162,13 +164,9 @@ def test_prepared_data_is_kept_for_a_resume_and_loads_equal(tmp_path, monkeypatc
 
     for name in ("edit", "rephrase", "nq", "pools", "val", "keys", "priors"):
         assert same(getattr(first, name), getattr(again, name)), name
-    other = train_config(["model=tiny-llama", "data.val_size=4", "train.train_facts=5",
-                          "locality.pool_size=4", "locality.response_tokens=4"])
-    run_module.prepare(other, editor, {**facts, "train": facts["train"].select(range(5))},
-                       path)
+    five = {**facts, "train": facts["train"].select(range(5))}
+    run_module.prepare(config("train.train_facts=5"), editor, five, path)
     assert calls == [1]  # another pool of training facts: prepared again
-    run_module.prepare(train_config(["model=tiny-llama", "data.val_size=4",
-                                     "train.train_facts=5", "locality.pool_size=4",
-                                     "locality.response_tokens=4", "locality.harmful_coef=0"]),
-                       editor, {**facts, "train": facts["train"].select(range(5))}, path)
+    run_module.prepare(config("train.train_facts=5", "locality.harmful_coef=0"), editor, five,
+                       path)
     assert calls == [1, 1]  # a source left out (weight 0): prepared again

@@ -168,6 +168,14 @@ def _hidden_at(model, block, **inputs) -> torch.Tensor:
     return seen["h"]
 
 
+def _with_cache(model, cache) -> dict:
+    """The forward's keyword arguments that run it on (and extend) a key-value cache
+    (transformers renamed `past_key_values` to `cache` in 5.x)."""
+    name = "cache" if "cache" in inspect.signature(model.base_model.forward).parameters \
+        else "past_key_values"
+    return {"use_cache": True, name: cache}
+
+
 @torch.no_grad()
 def cache_hidden(model, batch, first: int) -> list[torch.Tensor]:
     """Hidden states entering blocks[first] for each row of a right-padded batch (unpadded,
@@ -184,14 +192,11 @@ def cache_hidden(model, batch, first: int) -> list[torch.Tensor]:
         h = _hidden_at(model, block, input_ids=ids, attention_mask=mask, use_cache=False)
         return [h[i, :n].float().cpu() for i, n in enumerate(lengths)]
     cache = DynamicCache(config=model.config)
-    # transformers renamed `past_key_values` to `cache` (5.x)
-    name = "cache" if "cache" in inspect.signature(model.base_model.forward).parameters \
-        else "past_key_values"
     head = _hidden_at(model, block, input_ids=ids[:1, :p], attention_mask=mask[:1, :p],
-                      use_cache=True, **{name: cache})[0]
+                      **_with_cache(model, cache))[0]
     cache.batch_repeat_interleave(len(ids))
-    tail = _hidden_at(model, block, input_ids=ids[:, p:], attention_mask=mask, use_cache=True,
-                      **{name: cache})
+    tail = _hidden_at(model, block, input_ids=ids[:, p:], attention_mask=mask,
+                      **_with_cache(model, cache))
     return [torch.cat([head, tail[i, :n - p]]).float().cpu() for i, n in enumerate(lengths)]
 
 
@@ -213,19 +218,46 @@ class _Stop(Exception):
     """Raised to skip the blocks above the cached one."""
 
 
-def last_hidden(model, batch, first: int | None = None) -> torch.Tensor:
+def last_hidden(model, batch, first: int | None = None, prefix=None) -> torch.Tensor:
     """Output of the model body (after its final norm), B x T x d. When the batch carries
     cached hidden states (`batch["hidden"]`, B x T x d, entering blocks[first]), only
-    blocks[first:] run."""
+    blocks[first:] run; with `prefix` (`prefix_states` of its first p positions), only
+    positions p.. run, and the output is theirs (B x (T - p) x d)."""
     if "hidden" not in batch:
         return model.base_model(input_ids=batch["input_ids"],
                                 attention_mask=batch["attention_mask"],
                                 use_cache=False).last_hidden_state
     dtype = next(model.parameters()).dtype
+    hidden, cache = batch["hidden"], {"use_cache": False}
+    if prefix is not None:
+        from transformers import DynamicCache
+
+        kv = DynamicCache()
+        for i, (keys, values) in enumerate(prefix):
+            kv.update(keys, values, i)
+        hidden, cache = hidden[:, prefix[0][0].shape[2]:], _with_cache(model, kv)
     with suffix_only(model, first):
-        return model.base_model(inputs_embeds=batch["hidden"].to(dtype),
+        return model.base_model(inputs_embeds=hidden.to(dtype),
                                 attention_mask=batch["attention_mask"],
-                                use_cache=False).last_hidden_state
+                                **cache).last_hidden_state
+
+
+@torch.no_grad()
+def prefix_states(model, batch, first: int, p: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The keys and values of blocks[first:] on the first `p` positions of a batch that
+    carries `hidden`, one (B x heads x p x d_head) pair per block of the model (the blocks
+    below `first` never run and repeat `first`'s, which only sizes the cache): what
+    `last_hidden(..., prefix=)` reuses when only positions p.. change between calls."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    dtype = next(model.parameters()).dtype
+    with suffix_only(model, first):
+        model.base_model(inputs_embeds=batch["hidden"][:, :p].to(dtype),
+                         attention_mask=batch["attention_mask"][:, :p],
+                         **_with_cache(model, cache))
+    kv = [(layer.keys, layer.values) for layer in cache.layers]
+    return [kv[first]] * first + kv[first:]
 
 
 def forward(model, batch, first: int | None = None):

@@ -29,6 +29,7 @@ EasyEdit's Llama settings; `locate_edit`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -38,18 +39,16 @@ from .chat import IGNORE, fact_row, present
 from .data import load_facts
 from .editors import BaseEditor, _no_lap
 from .files import cache_dir, digest, tensors_digest
-from .lm import _Stop, block_of, key_moments, last_hidden, row_chunks
+from .lm import (PREFIX_MIN, _Stop, block_of, key_moments, last_hidden, prefix_states,
+                 row_chunks)
 from .methods import option
 from .models import blocks, default_edit, set_weight_kv
 from .prompts import base_responses, conversation_rows
 
 
 SOLVE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-# the options a target value depends on, and the values searched so far in this process
-# (`MemitEditor.target_values`), by weights, last edited block, options and row
+# the options a target value depends on (with the weights, the last edited block and the row)
 VALUE_OPTIONS = ("v_steps", "v_lr", "v_weight_decay", "kl_factor", "clamp_norm", "stop_loss")
-VALUES: dict[tuple, torch.Tensor] = {}
-MAX_VALUES = 200_000  # ~0.5 GB of z at d = 576
 
 
 def locate_edit(model) -> tuple[str, list[int]]:
@@ -227,28 +226,42 @@ class MemitEditor(BaseEditor):
         return seen["h"].float()
 
     # ------------------------------------------------------ target values
+    def values_folder(self) -> Path:
+        """Where the target values of the weights as they are now, l_T and the value options
+        are kept: one safetensors file per searched chunk, a tensor per row."""
+        weights = weights_digest(self.model, len(self.block_list) - 1)
+        options = [getattr(self.config, o) for o in VALUE_OPTIONS]
+        return cache_dir() / "memit-values" / digest(weights, self.last, options, size=16)
+
     def target_values(self, batch, pos) -> torch.Tensor:
         """z (n x d): block l_T's output at the subject tokens that makes each target likely
         (step 1 of the module docstring), `config.chunk` facts per forward/backward. Each z
-        depends only on its own row, the weights, l_T and the value options, and is
-        remembered by them (`VALUES`): MEMIT and AlphaEdit on the same model, or one fact
-        at N = 128 and again at N = 1000, search it once."""
-        weights = weights_digest(self.model, len(self.block_list) - 1)
-        options = tuple(getattr(self.config, o) for o in VALUE_OPTIONS)
+        depends only on its own row, the weights, l_T and the value options, and is kept
+        on disk by them (`values_folder`), chunk by chunk as it is searched: MEMIT and
+        AlphaEdit on the same model, one fact at N = 128 and again at N = 1000, or a
+        stopped evaluation run again, search it once (MEMIT's own code keeps its z too)."""
+        folder = self.values_folder()
+        known = {}
+        for path in sorted(folder.glob("*.safetensors")):
+            known.update(checkpoint.load(path)[0])
         mask = batch["attention_mask"].bool()
-        keys = [(weights, self.last, options, tuple(batch["input_ids"][i][mask[i]].tolist()),
-                 tuple(batch["labels"][i][mask[i]].tolist()), int(pos[i]))
+        keys = [digest(batch["input_ids"][i][mask[i]].tolist(),
+                       batch["labels"][i][mask[i]].tolist(), int(pos[i]), size=16)
                 for i in range(pos.shape[0])]
-        todo = [i for i, k in enumerate(keys) if k not in VALUES]
-        if todo:
-            sub = {k: v[todo] for k, v in batch.items()}
-            size = self.config.chunk
-            z = torch.cat([self._values(part, pos[todo][i:i + size]) for i, part in
-                           zip(range(0, len(todo), size), row_chunks(sub, size))])
-            if len(VALUES) + len(todo) > MAX_VALUES:
-                VALUES.clear()
-            VALUES.update((keys[i], v.cpu()) for i, v in zip(todo, z))
-        return torch.stack([VALUES[k] for k in keys]).to(pos.device)
+        # rows by subject position, so that each chunk's shared positions (`_values`) are many
+        lengths = mask.sum(1)
+        todo = sorted((i for i, k in enumerate(keys) if k not in known),
+                      key=lambda i: (int(pos[i]), int(lengths[i])))
+        size = self.config.chunk
+        sub = {k: v[todo] for k, v in batch.items()}
+        for start, part in zip(range(0, len(todo), size), row_chunks(sub, size)):
+            rows = todo[start:start + size]
+            z = self._values(part, pos[rows])
+            found = {keys[i]: v for i, v in zip(rows, z.cpu())}
+            checkpoint.save(folder / f"{digest(sorted(found), size=16)}.safetensors", found,
+                            {"rows": len(found)})
+            known.update(found)
+        return torch.stack([known[k] for k in keys]).to(pos.device)
 
     def _values(self, batch, pos) -> torch.Tensor:
         """Step 1 for one chunk; a fact whose loss falls below `stop_loss` keeps its delta
@@ -260,23 +273,31 @@ class MemitEditor(BaseEditor):
         delta = torch.zeros_like(h_at, requires_grad=True)
         opt = torch.optim.Adam([delta], lr=cfg.v_lr)
         base = {k: v for k, v in batch.items() if k != "hidden"}
+        # the positions before every row's subject token do not depend on delta: the blocks
+        # above run them once (their keys and values), then each step runs the rest (o..)
+        o = int(pos.min())
+        prefix = prefix_states(model, {**base, "hidden": h0}, self.last + 1, o) \
+            if o >= PREFIX_MIN else None
+        o = o if prefix else 0
         active = torch.ones(pos.shape[0], dtype=torch.bool, device=pos.device)
         kl_before = None
         for _ in range(cfg.v_steps):
             idx = active.nonzero().squeeze(1)
             rows = torch.arange(idx.shape[0], device=pos.device)
             sub = {k: v[idx] for k, v in base.items()}
-            mask = sub["labels"][:, 1:] != IGNORE
+            labels = sub["labels"][:, o + 1:]  # (the answers follow the subject)
+            mask = labels != IGNORE
+            kv = [(k[idx], v[idx]) for k, v in prefix] if prefix else None
             with torch.enable_grad():
                 h = h0[idx].clone()
                 h[rows, pos[idx]] = h[rows, pos[idx]] + delta[idx]
-                out = last_hidden(model, {**sub, "hidden": h}, self.last + 1)
-                ce = F.cross_entropy(head(out[:, :-1][mask]).float(),
-                                     sub["labels"][:, 1:][mask], reduction="none")
+                out = last_hidden(model, {**sub, "hidden": h}, self.last + 1, kv)  # o..
+                ce = F.cross_entropy(head(out[:, :-1][mask]).float(), labels[mask],
+                                     reduction="none")
                 row_of = rows[:, None].expand_as(mask)[mask]
                 nll = torch.zeros(idx.shape[0], device=pos.device).index_add(0, row_of, ce)
                 nll = nll / mask.sum(1).clamp_min(1)
-                log_q = F.log_softmax(head(out[rows, pos[idx]]).float(), -1)
+                log_q = F.log_softmax(head(out[rows, pos[idx] - o]).float(), -1)
                 if kl_before is None:  # the first step has delta = 0: the unedited model
                     kl_before = log_q.detach()
                 before = kl_before[idx]

@@ -63,13 +63,18 @@ def test_edit_raises_the_target_probability_and_reaches_the_values(tiny, method)
 
 
 def test_target_values_are_searched_once_per_weights_options_and_row(tiny_llama):
-    """MEMIT's z are remembered by weights, value options and row: AlphaEdit on the same
+    """MEMIT's z are kept on disk by weights, value options and row: AlphaEdit on the same
     model, or a fact again in a larger batch, reuse them (equal to a fresh search); other
     weights or options search again."""
-    from editor import memit
+    import shutil
+
+    from editor.files import cache_dir
+
+    def forget():
+        shutil.rmtree(cache_dir() / "memit-values", ignore_errors=True)
 
     model, tok = tiny_llama
-    memit.VALUES.clear()  # (a test before this one may have searched these rows)
+    forget()  # (a test before this one may have searched these rows)
     rows = [fact_row(tok, f, "edit") for f in FACTS]
     batch, pos = padded(model, tok, rows), padded(model, tok, rows)["subject_last"]
     one = padded(model, tok, rows[1:])
@@ -86,7 +91,8 @@ def test_target_values_are_searched_once_per_weights_options_and_row(tiny_llama)
     assert searched == [2]
     z_one = editor("alphaedit").target_values(one, one["subject_last"])
     assert searched == [2] and torch.equal(z_one[0], z[1])
-    memit.VALUES.clear()
+    assert len(list((cache_dir() / "memit-values").glob("*/*.safetensors"))) == 1
+    forget()
     fresh = editor("memit").target_values(one, one["subject_last"])
     # alone, not padded beside another row: the same search, up to float noise
     assert searched == [2, 1] and torch.allclose(fresh[0], z[1], atol=1e-3)
@@ -102,6 +108,33 @@ def test_target_values_are_searched_once_per_weights_options_and_row(tiny_llama)
     finally:
         with torch.no_grad():
             module.weight.copy_(saved)
+
+
+def test_value_search_runs_the_positions_before_the_subjects_once(tiny, monkeypatch):
+    """The positions before every row's subject do not depend on the value delta: their
+    keys and values are computed once, and the search finds the values it finds when each
+    step runs every position."""
+    from editor import lm, memit
+
+    name, model, tok = tiny
+    shifter = Editor.from_pretrained(model, tokenizer=tok, method="memit", **SMALL).shifter
+    batch = padded(model, tok, [fact_row(tok, f, "edit") for f in FACTS])
+    pos = batch["subject_last"]
+    monkeypatch.setattr(memit, "PREFIX_MIN", 2)  # (tiny-gpt2's prompts have no system turn)
+    run = []  # positions each step runs
+
+    def spy(m, b, first=None, prefix=None):
+        if "hidden" in b:
+            run.append(b["hidden"].shape[1] - (prefix[0][0].shape[2] if prefix else 0))
+        return lm.last_hidden(m, b, first, prefix)
+
+    monkeypatch.setattr(memit, "last_hidden", spy)
+    fast = shifter._values(batch, pos)
+    assert max(run) == batch["input_ids"].shape[1] - int(pos.min())
+    monkeypatch.setattr(memit, "PREFIX_MIN", 10**6)
+    slow = shifter._values(batch, pos)
+    assert min(run[-3:]) == batch["input_ids"].shape[1]
+    assert torch.allclose(fast, slow, rtol=1e-4, atol=1e-4), (fast - slow).abs().max()
 
 
 def test_alphaedit_keeps_the_outputs_on_its_preserved_keys(tiny_llama):

@@ -66,8 +66,9 @@ class ChatLM:
         return key_moments(self.model, self.tokenizer, rows, modules, self.first, batch_size,
                            progress, every_token)
 
-    def predictions(self, rows, batch_size: int = 32):
-        return predictions(self.model, self.tokenizer, rows, self.first, batch_size)
+    def predictions(self, rows, batch_size: int = 32, confidence: bool = False):
+        return predictions(self.model, self.tokenizer, rows, self.first, batch_size,
+                           confidence)
 
 
 def padded(model, tokenizer, rows: list[dict], side: str = "right") -> dict:
@@ -407,18 +408,21 @@ def capture(model, modules: dict, batch, first: int | None = None, per_row: bool
 
 
 @torch.no_grad()
-def predictions(model, tokenizer, rows, first=None, batch_size: int = 32):
+def predictions(model, tokenizer, rows, first=None, batch_size: int = 32,
+                confidence: bool = False):
     """Per-row (argmax ids, label ids) at the answer positions (the label positions without
     a final end-of-turn label), in the rows' order (batched by length; a None row gives
-    None). Rows may carry cached hidden states entering blocks[first]."""
+    None); with `confidence`, also the argmax's probability there. Rows may carry cached
+    hidden states entering blocks[first]."""
     out = [None] * len(rows)
     for idx, batch in by_length(model, tokenizer, rows, batch_size, "predictions", False):
         logits, labels, row = forward(model, batch, first)
-        pred = logits.argmax(-1)
+        top, pred = logits.softmax(-1).max(-1) if confidence else (None, logits.argmax(-1))
         for b, j in enumerate(idx):
             keep = row == b
             end = int(keep.sum()) - int(bool(rows[j].get("eot")))
-            out[j] = (pred[keep][:end], labels[keep][:end])
+            out[j] = (pred[keep][:end], labels[keep][:end]) + (
+                (top[keep][:end],) if confidence else ())
     return out
 
 

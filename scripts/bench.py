@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from editor import Editor
 from editor.evaluation.diagnose import massive_diagnostics
+from editor.evaluation.metrics import CONFIDENCE_BINS
 from editor.evaluation.report import markdown_table
 from editor.evaluation.speed import STAGES, bench_edits, bench_lifelong, hardware
 from editor.files import write_atomic
@@ -70,6 +71,9 @@ def main(cfg: DictConfig) -> None:
                            "fp32_vs_fp64"]
         tables["levers"] = ["n_facts", "changed", *cfg.levers, "ES", "ES_strict", "GS",
                             "GS_strict", "LS", "edit_seconds"]
+        bins = [f"p<{hi:g}" for hi in CONFIDENCE_BINS[1:]]
+        tables["locality"] = ["n_facts", "changed", *(f"tokens_{b}" for b in bins),
+                              *(f"LS_{b}" for b in bins)]
     if cfg.lifelong.batches:
         result["lifelong"] = bench_lifelong(editor, cfg.lifelong.batches, cfg.lifelong.size)
     if cfg.train_steps:
@@ -79,8 +83,9 @@ def main(cfg: DictConfig) -> None:
     save()
     print(f"\n{cfg.model.name}, {cfg.editor.rule}, {result['hardware']}")
     for name, cols in tables.items():
-        if result.get(name):
-            print(markdown_table(result[name], cols))
+        source = "levers" if name == "locality" else name  # the levers' LS by confidence
+        if result.get(source):
+            print(markdown_table(result[source], cols))
     print(f"wrote {out / 'bench.json'}")
 
 

@@ -210,6 +210,30 @@ def test_edit_metrics_count_answer_tokens_only(tiny):
     assert metrics["ES_strict"] <= metrics["ES"]
 
 
+def test_locality_by_the_unedited_models_confidence(tiny):
+    from editor.evaluation.metrics import agreement_by_confidence
+
+    t = torch.tensor
+    before = [(t([1, 2, 3]), t([0, 0, 0]), t([0.1, 0.6, 0.9])), (t([4]), t([0]), t([1.0]))]
+    after = [(t([1, 5, 3]), t([0, 0, 0])), (t([7]), t([0]))]
+    out = agreement_by_confidence(after, before)
+    assert out["tokens_p<0.25"] == 0.25 and out["LS_p<0.25"] == 1.0
+    assert out["tokens_p<0.5"] == 0.0 and out["LS_p<0.5"] is None
+    assert out["LS_p<0.75"] == 0.0 and out["tokens_p<1"] == 0.5 and out["LS_p<1"] == 0.5
+    # on a real edit: the unedited argmax is unchanged by asking for its confidence, and
+    # the bins cover every locality token
+    model, tok, modules, facts = tiny
+    ed = editor_for(tiny)
+    perturbed(ed.hypernet)
+    rows = fact_rows(tok, facts[:6])
+    loc = [r for r in rows["loc"] if r is not None]
+    before = ed.lm.predictions(loc, confidence=True)
+    assert all(torch.equal(b[0], p[0]) for b, p in zip(before, ed.lm.predictions(loc)))
+    out = edit_metrics(ed, rows, before=before)
+    shares = [out[k] for k in out if k.startswith("tokens_p<")]
+    assert len(shares) == 4 and abs(sum(shares) - 1) < 1e-6
+
+
 def row_target(tok, row):
     return tok.decode([t for t, y in zip(row["input_ids"], row["labels"]) if y != IGNORE][:-1]
                       ).strip()
@@ -246,6 +270,7 @@ def test_lever_sweep_changes_one_lever_at_a_time_and_restores_the_editor(tiny):
     assert not out[2]["eot_rows"] and out[2]["step_scale"] == 1.0
     assert out[3]["reg_rows"] is None
     assert (ed.step_scale, ed.eot_rows, ed.hypernet.reg_rows) == (1.0, True, 16)
+    assert all("LS_p<1" in r for r in out)  # LS by the unedited model's confidence too
     for n, m in modules.items():
         assert torch.equal(m.weight, before[n])
     # a doubled step size doubles the shift (S is linear in D)

@@ -7,7 +7,9 @@ and what the test-time levers (step size, end-of-turn rows, lambda and mu per ro
   difference of S (`hypernet.diagnostics`);
 - `lever_sweep`: ES / GS / LS of N facts as trained and with one test-time lever changed
   at a time (the step-size multiplier, end-of-turn rows in K and D, lambda and mu scaled
-  with the row count).
+  with the row count), with LS split by the unedited model's confidence in its own
+  locality predictions (`metrics.agreement_by_confidence`: whether an edit flips the sure
+  predictions or only the near-ties).
 """
 
 from __future__ import annotations
@@ -79,14 +81,17 @@ def lever_sweep(editor, rows: dict, ns: list[int], levers: dict[str, list],
     own = {lever: getattr(_owner(editor, lever), lever) for lever in LEVERS}
     settings = [(None, None)] + [(name, v) for name, values in levers.items() for v in values
                                  if getattr(_owner(editor, name), name) != v]
-    out = []
+    out, before = [], {}  # before: the unedited model's loc predictions, with confidence
     try:
         for n, (name, value) in tqdm([(n, s) for n in ns for s in settings],
                                      desc="test-time levers"):
             current = {**own, **({} if name is None else {name: value})}
             for lever, v in current.items():
                 setattr(_owner(editor, lever), lever, v)
-            metrics = edit_metrics(editor, sliced(rows, n))
+            part = sliced(rows, n)
+            if n not in before:
+                before[n] = editor.lm.predictions(part["loc"], confidence=True)
+            metrics = edit_metrics(editor, part, before=before[n])
             out.append({"n_facts": n, "changed": name, **current, **metrics})
             tqdm.write(f"N {n}, {name or 'as trained'}"
                        f"{'' if name is None else f' = {value}'}: " + ", ".join(

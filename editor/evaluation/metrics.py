@@ -6,7 +6,8 @@ answer is trained on but not counted: every edit would "predict" it for free):
   answer tokens are all right (MEND's definition);
 - GS, GS_strict: the same on the first rephrase;
 - LS: agreement of the edited model's argmax with the unedited model's on the facts'
-  unrelated (locality) prompts, at their answer tokens.
+  unrelated (locality) prompts, at their answer tokens (`agreement_by_confidence`: by how
+  sure the unedited model was of it, a diagnostic).
 Means over facts of per-fact values. By generation (`generation_metrics`): ES_gen / GS_gen,
 the share of greedy answers to the prompt / rephrase that equal the target after
 normalisation (`text.exact_match`).
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import time
 
+import torch
 
 from ..chat import KINDS, generate, present
 from ..lm import accuracy, padded
@@ -51,10 +53,32 @@ def generation_metrics(matches) -> dict:
             "n_gen": len(es)}
 
 
+CONFIDENCE_BINS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def agreement_by_confidence(after, before, bins=CONFIDENCE_BINS) -> dict:
+    """Token-level LS split by how sure the unedited model was of its own argmax there
+    (`before` from `predictions(..., confidence=True)`): for each bin [lo, hi) of that
+    probability, the share of the locality tokens in it (`tokens_p<hi`) and their
+    agreement (`LS_p<hi`; None for an empty bin). Which predictions an edit flips."""
+    same = torch.cat([a[0] == b[0] for a, b in zip(after, before)])
+    top = torch.cat([b[2] for b in before])
+    out = {}
+    for lo, hi in zip(bins, bins[1:]):
+        inside = (top >= lo) & ((top < hi) if hi < bins[-1] else (top <= hi))
+        out[f"tokens_p<{hi:g}"] = inside.float().mean().item() if len(top) else 0.0
+        out[f"LS_p<{hi:g}"] = same[inside].float().mean().item() if inside.any() else None
+    return out
+
+
 def teacher_forced(edit, rephrase, loc, loc_before) -> dict:
-    """ES, ES_strict, GS, GS_strict, LS from `predictions` of the edited model."""
-    return {"ES": accuracy(edit), "ES_strict": strict(edit), "GS": accuracy(rephrase),
-            "GS_strict": strict(rephrase), "LS": agreement(loc, loc_before)}
+    """ES, ES_strict, GS, GS_strict, LS from `predictions` of the edited model; with the
+    unedited model's confidence in `loc_before`, LS by confidence too."""
+    out = {"ES": accuracy(edit), "ES_strict": strict(edit), "GS": accuracy(rephrase),
+           "GS_strict": strict(rephrase), "LS": agreement(loc, loc_before)}
+    if loc_before and len(loc_before[0]) == 3:
+        out.update(agreement_by_confidence(loc, loc_before))
+    return out
 
 
 def edit_metrics(editor, rows: dict[str, list[dict]], batch_size: int = 32, extra=None,

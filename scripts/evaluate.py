@@ -11,7 +11,8 @@ Writes results.json (one record per method x N x dataset x metric, plus the conf
 results.md (with the behaviour change against the unedited model) and results.png into the
 hydra run folder; both files are rewritten after each method, so a stopped run keeps the
 methods and N it finished; run again with the same overrides and
-`hydra.run.dir=<its folder>`, it resumes (what results.json holds is not measured again).
+`hydra.run.dir=<its folder>`, it resumes (what results.json holds is not measured again);
+methods may be added, removed or changed then (a changed one is measured again).
 """
 
 import json

@@ -168,6 +168,14 @@ def test_evaluate_script_on_tiny_llama(tmp_path, tiny_llama_checkpoint):
     timing = [k for k in value if k[3].endswith("seconds")]
     assert all(again[k] == value[k] for k in value if k[:3] != ("ft", "counterfact", 1)
                or k not in timing)  # kept as they were; FT's edit is deterministic
+    # another method's settings: only that method is measured again, the others kept
+    stdout = run(*args, "methods.ft.steps=2", cwd=tmp_path, env=env)
+    assert "dropping the records of methods whose settings changed or that are gone: ft" \
+        in stdout
+    assert {line.split(" ")[0] for line in stdout.splitlines() if " N=" in line} == {"ft"}
+    kept = json.loads(path.read_text())
+    assert kept["config"]["methods"]["ft"]["steps"] == 2
+    assert {r["method"] for r in kept["records"]} == {"unedited", "ft", "malmen-chat"}
     # with other overrides it refuses, naming what differs, before any work
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), *args[1:],
                           "eval.ns=[1,3]"], cwd=tmp_path, capture_output=True, text=True,

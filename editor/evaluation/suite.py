@@ -122,16 +122,24 @@ def behaviour_metrics(model, tok, drift, cfg) -> dict:
 
 def finished(path: Path, config: dict) -> list[dict]:
     """The records of a stopped run in the same folder (`path`, its results.json), which
-    the run resumes from; none without one; an error if it was run with another config."""
+    the run resumes from; none without one; an error if it was run with another config
+    but for its methods. A method added is measured; the records of a method whose
+    settings changed, or that is gone, are dropped (and the former measured again)."""
     if not path.exists():
         return []
     saved = json.loads(path.read_text())
-    changed = sorted(k for k in {**saved["config"], **config}
-                     if saved["config"].get(k) != config.get(k))
+    old = saved["config"]
+    changed = sorted(k for k in {**old, **config}
+                     if k != "methods" and old.get(k) != config.get(k))
     if changed:
         raise ValueError(f"{path} holds the results of another evaluation (config differs in: "
                          f"{', '.join(changed)}); use a new run folder or the same overrides")
-    return saved["records"]
+    same = {m for m, spec in config["methods"].items() if old["methods"].get(m) == spec}
+    dropped = sorted({r["method"] for r in saved["records"]} - same)
+    if dropped:
+        print(f"dropping the records of methods whose settings changed or that are gone: "
+              f"{', '.join(dropped)}")
+    return [r for r in saved["records"] if r["method"] in same]
 
 
 def evaluate(cfg, save=None, done=()) -> list[dict]:
@@ -159,7 +167,7 @@ def evaluate(cfg, save=None, done=()) -> list[dict]:
             print(f"reference {dataset}: {time.perf_counter() - start:.0f}s")
         return refs[dataset, first]
 
-    records = list(done)
+    records, unedited_behaviour = list(done), None
     covered = {(r["method"], r["dataset"], r["n"]) for r in records}
     if records:
         print(f"resuming: {len(covered)} method x dataset x N already measured")
@@ -181,8 +189,10 @@ def evaluate(cfg, save=None, done=()) -> list[dict]:
             start = time.perf_counter()
             if isinstance(editor, NoEditor):  # no edit: slices of the reference
                 metrics = ref.unedited(n)
-                if behaviour:
-                    metrics.update(behaviour_metrics(model, tok, drift, cfg))
+                if behaviour:  # the same model at every N: measured once
+                    if unedited_behaviour is None:
+                        unedited_behaviour = behaviour_metrics(model, tok, drift, cfg)
+                    metrics.update(unedited_behaviour)
             else:
                 def extra(facts=pool[:n], behaviour=behaviour):
                     out = generation_metrics(matches(model, tok, facts[:cfg.eval.gen_limit],

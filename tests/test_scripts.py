@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,6 +143,9 @@ def test_evaluate_script_on_tiny_llama(tmp_path, tiny_llama_checkpoint):
         assert (method, "zsre", 1, "ifeval_prompt_strict") not in value
         assert (method, "counterfact", 8, "advbench_refusal") not in value
     assert ("malmen-chat", "zsre", 8, "ES") not in value  # eval.max_n caps its N
+    shares = [v for k, v in value.items() if k[:3] == ("ft", "zsre", 8)
+              and k[3].startswith("tokens_p<")]  # LS by the unedited model's confidence
+    assert len(shares) == 4 and sum(shares) == pytest.approx(1.0)
     # the unedited model agrees with itself and does not drift
     assert value[("unedited", "zsre", 8, "LS")] == 1.0
     assert value[("unedited", "zsre", 8, "kl_instruction")] == 0.0

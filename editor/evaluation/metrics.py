@@ -60,14 +60,15 @@ def agreement_by_confidence(after, before, bins=CONFIDENCE_BINS) -> dict:
     """Token-level LS split by how sure the unedited model was of its own argmax there
     (`before` from `predictions(..., confidence=True)`): for each bin [lo, hi) of that
     probability, the share of the locality tokens in it (`tokens_p<hi`) and their
-    agreement (`LS_p<hi`; None for an empty bin). Which predictions an edit flips."""
+    agreement (`LS_p<hi`; none for an empty bin). Which predictions an edit flips."""
     same = torch.cat([a[0] == b[0] for a, b in zip(after, before)])
     top = torch.cat([b[2] for b in before])
     out = {}
     for lo, hi in zip(bins, bins[1:]):
         inside = (top >= lo) & ((top < hi) if hi < bins[-1] else (top <= hi))
         out[f"tokens_p<{hi:g}"] = inside.float().mean().item() if len(top) else 0.0
-        out[f"LS_p<{hi:g}"] = same[inside].float().mean().item() if inside.any() else None
+        if inside.any():
+            out[f"LS_p<{hi:g}"] = same[inside].float().mean().item()
     return out
 
 

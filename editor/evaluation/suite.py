@@ -100,7 +100,9 @@ class Reference:
         self.rows = {k: lm.with_hidden([fact_row(lm.tokenizer, f, k, lm.system) for f in pool],
                                        bs, progress=True)
                      for k in ("edit", "rephrase", "loc")}
-        self.before = {k: lm.predictions(rs, bs) for k, rs in self.rows.items()}
+        # (with the confidence of the loc predictions: LS by confidence, a diagnostic)
+        self.before = {k: lm.predictions(rs, bs, confidence=k == "loc")
+                       for k, rs in self.rows.items()}
         self.answer = lambda: matches(lm.model, lm.tokenizer, pool[:cfg.eval.gen_limit], cfg)
 
     @cached_property

@@ -71,7 +71,10 @@ class MemitConfig:
                                 "6400-16384; on SmolLM2's 1536, zsRE validation N = 32: 15000 "
                                 "ES 0.48 LS 0.95, 1000 ES 0.90 LS 0.89, 300 ES 0.91 LS 0.89)")
     v_steps: int = option(25, "Adam steps on each fact's target value delta")
-    v_lr: float = option(0.5, "Adam's learning rate for delta")
+    v_lr: float = option(1.0, "Adam's learning rate for delta (MEMIT's 0.5 leaves the "
+                         "target NLL at ~1.3 nats after 25 steps on SmolLM2, whose block-8 "
+                         "states have norm ~140; zsRE validation N = 32: 0.5 ES 0.90 GS "
+                         "0.66 LS 0.89, 1 ES 0.94 GS 0.80 LS 0.90, 2 ES 0.92 GS 0.77 LS 0.84)")
     v_weight_decay: float = option(1e-3, "weight of ||delta|| / ||h||^2")
     kl_factor: float = option(0.0625, "weight of the KL term at the subject's last token")
     clamp_norm: float = option(4.0, "||delta|| is clamped to this times ||h||")

@@ -270,7 +270,7 @@ def test_lever_sweep_changes_one_lever_at_a_time_and_restores_the_editor(tiny):
     assert not out[2]["eot_rows"] and out[2]["step_scale"] == 1.0
     assert out[3]["reg_rows"] is None
     assert (ed.step_scale, ed.eot_rows, ed.hypernet.reg_rows) == (1.0, True, 16)
-    assert all("LS_p<1" in r for r in out)  # LS by the unedited model's confidence too
+    assert all("tokens_p<1" in r for r in out)  # LS by the unedited model's confidence too
     for n, m in modules.items():
         assert torch.equal(m.weight, before[n])
     # a doubled step size doubles the shift (S is linear in D)

@@ -112,14 +112,20 @@ def test_target_values_are_searched_once_per_weights_options_and_row(tiny_llama)
 
 def test_value_search_runs_the_positions_before_the_subjects_once(tiny, monkeypatch):
     """The positions before every row's subject do not depend on the value delta: their
-    keys and values are computed once, and the search finds the values it finds when each
-    step runs every position."""
+    keys and values are computed once, the blocks above give the same outputs on the rest,
+    and the search finds the values it finds when each step runs every position."""
     from editor import lm, memit
 
     name, model, tok = tiny
     shifter = Editor.from_pretrained(model, tokenizer=tok, method="memit", **SMALL).shifter
     batch = padded(model, tok, [fact_row(tok, f, "edit") for f in FACTS])
     pos = batch["subject_last"]
+    p, first = int(pos.min()), shifter.last + 1
+    with torch.no_grad():
+        full = {**batch, "hidden": shifter.block_output(batch)}
+        torch.testing.assert_close(
+            lm.last_hidden(model, full, first, lm.prefix_states(model, full, first, p)),
+            lm.last_hidden(model, full, first)[:, p:], rtol=1e-5, atol=1e-5)
     monkeypatch.setattr(memit, "PREFIX_MIN", 2)  # (tiny-gpt2's prompts have no system turn)
     run = []  # positions each step runs
 
@@ -134,7 +140,8 @@ def test_value_search_runs_the_positions_before_the_subjects_once(tiny, monkeypa
     monkeypatch.setattr(memit, "PREFIX_MIN", 10**6)
     slow = shifter._values(batch, pos)
     assert min(run[-3:]) == batch["input_ids"].shape[1]
-    assert torch.allclose(fast, slow, rtol=1e-4, atol=1e-4), (fast - slow).abs().max()
+    # (25 Adam steps scale float noise in coordinates of near-zero gradient up to lr)
+    assert (fast - slow).norm() < 1e-2 * slow.norm(), (fast - slow).abs().max()
 
 
 def test_alphaedit_keeps_the_outputs_on_its_preserved_keys(tiny_llama):

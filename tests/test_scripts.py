@@ -173,10 +173,11 @@ def test_evaluate_script_on_tiny_llama(tmp_path, tiny_llama_checkpoint):
     assert all(again[k] == value[k] for k in value if k[:3] != ("ft", "counterfact", 1)
                or k not in timing)  # kept as they were; FT's edit is deterministic
     # another method's settings: only that method is measured again, the others kept
-    stdout = run(*args, "methods.ft.steps=2", cwd=tmp_path, env=env)
-    assert "dropping the records of methods whose settings changed or that are gone: ft" \
-        in stdout
-    assert {line.split(" ")[0] for line in stdout.splitlines() if " N=" in line} == {"ft"}
+    stdout = run(*args, "methods.ft.steps=2", "eval.max_n.unedited=8", cwd=tmp_path, env=env)
+    assert "dropping the records of methods whose settings changed or that are gone: ft, " \
+        "unedited" in stdout  # (a cap on N is a method's setting too)
+    assert {line.split(" ")[0] for line in stdout.splitlines() if " N=" in line} == \
+        {"ft", "unedited"}
     kept = json.loads(path.read_text())
     assert kept["config"]["methods"]["ft"]["steps"] == 2
     assert {r["method"] for r in kept["records"]} == {"unedited", "ft", "malmen-chat"}

@@ -125,18 +125,24 @@ def behaviour_metrics(model, tok, drift, cfg) -> dict:
 def finished(path: Path, config: dict) -> list[dict]:
     """The records of a stopped run in the same folder (`path`, its results.json), which
     the run resumes from; none without one; an error if it was run with another config
-    but for its methods. A method added is measured; the records of a method whose
-    settings changed, or that is gone, are dropped (and the former measured again)."""
+    but for its methods (`methods` and their `eval.max_n`). A method added is measured;
+    the records of a method whose settings or cap changed, or that is gone, are dropped
+    (and the former measured again)."""
     if not path.exists():
         return []
     saved = json.loads(path.read_text())
-    old = saved["config"]
-    changed = sorted(k for k in {**old, **config}
-                     if k != "methods" and old.get(k) != config.get(k))
+
+    def split(cfg):  # (the config but its methods, {method: (settings, cap on N)})
+        rest = {**cfg, "methods": None, "eval": {**cfg["eval"], "max_n": None}}
+        return rest, {m: (spec, cfg["eval"]["max_n"].get(m))
+                      for m, spec in cfg["methods"].items()}
+
+    (old, old_methods), (new, new_methods) = split(saved["config"]), split(config)
+    changed = sorted(k for k in {**old, **new} if old.get(k) != new.get(k))
     if changed:
         raise ValueError(f"{path} holds the results of another evaluation (config differs in: "
                          f"{', '.join(changed)}); use a new run folder or the same overrides")
-    same = {m for m, spec in config["methods"].items() if old["methods"].get(m) == spec}
+    same = {m for m, spec in new_methods.items() if old_methods.get(m) == spec}
     dropped = sorted({r["method"] for r in saved["records"]} - same)
     if dropped:
         print(f"dropping the records of methods whose settings changed or that are gone: "

@@ -157,30 +157,27 @@ def test_evaluate_script_on_tiny_llama(tmp_path, tiny_llama_checkpoint):
     assert "| ft | zsre | 8 |" in changes and "| unedited |" not in changes
     assert result["config"]["eval"]["ns"] == [1, 8]
 
-    # stopped before ft's CounterFact N = 1: run again in its folder, only that is measured
+    # stopped before ft's CounterFact N = 1, and run again in its folder with another cap on
+    # malmen-chat's N (a method's setting): only that and malmen-chat are measured again
     path = tmp_path / "eval" / "results.json"
     result["records"] = [r for r in records if (r["method"], r["dataset"], r["n"]) !=
                          ("ft", "counterfact", 1)]
     path.write_text(json.dumps(result))
-    stdout = run(*args, cwd=tmp_path, env=env)
-    assert "resuming: 9 method x dataset x N already measured" in stdout
-    assert [line.split(":")[0] for line in stdout.splitlines() if " N=" in line] == \
-        ["ft counterfact N=1"]
-    again = {(r["method"], r["dataset"], r["n"], r["metric"]): r["value"]
-             for r in json.loads(path.read_text())["records"]}
-    assert again.keys() == value.keys()
-    timing = [k for k in value if k[3].endswith("seconds")]
-    assert all(again[k] == value[k] for k in value if k[:3] != ("ft", "counterfact", 1)
-               or k not in timing)  # kept as they were; FT's edit is deterministic
-    # another method's settings: only that method is measured again, the others kept
-    stdout = run(*args, "methods.ft.steps=2", "eval.max_n.unedited=8", cwd=tmp_path, env=env)
-    assert "dropping the records of methods whose settings changed or that are gone: ft, " \
-        "unedited" in stdout  # (a cap on N is a method's setting too)
-    assert {line.split(" ")[0] for line in stdout.splitlines() if " N=" in line} == \
-        {"ft", "unedited"}
+    stdout = run(*args, "eval.max_n.malmen-chat=4", cwd=tmp_path, env=env)
+    assert "dropping the records of methods whose settings changed or that are gone: " \
+        "malmen-chat" in stdout
+    assert "resuming: 7 method x dataset x N already measured" in stdout
+    measured = [line.split(":")[0] for line in stdout.splitlines() if " N=" in line]
+    assert sorted(measured) == ["ft counterfact N=1", "malmen-chat counterfact N=1",
+                                "malmen-chat zsre N=1"]
     kept = json.loads(path.read_text())
-    assert kept["config"]["methods"]["ft"]["steps"] == 2
-    assert {r["method"] for r in kept["records"]} == {"unedited", "ft", "malmen-chat"}
+    again = {(r["method"], r["dataset"], r["n"], r["metric"]): r["value"]
+             for r in kept["records"]}
+    assert again.keys() == value.keys()
+    assert kept["config"]["eval"]["max_n"]["malmen-chat"] == 4
+    remeasured = {tuple(m.replace(" N=", " ").split()) for m in measured}
+    assert all(again[k] == value[k] for k in value  # the same numbers, deterministic
+               if not (k[3].endswith("seconds") and (k[0], k[1], str(k[2])) in remeasured))
     # with other overrides it refuses, naming what differs, before any work
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), *args[1:],
                           "eval.ns=[1,3]"], cwd=tmp_path, capture_output=True, text=True,

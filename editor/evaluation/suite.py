@@ -181,6 +181,8 @@ def evaluate(cfg, save=None, done=()) -> list[dict]:
         print(f"resuming: {len(covered)} method x dataset x N already measured")
     if cfg.eval.sequential.batches > 0:
         return run_sequential(cfg, model, tok, methods, pools, reference, drift, save, records)
+    for dataset, pool in pools.items():  # what `reference` reads: the facts measured
+        pools[dataset] = pool[:max(cfg.eval.ns)]
     for name, spec in methods.items():
         max_n = cfg.eval.max_n.get(name) or float("inf")
         todo = [(d, n) for d, pool in pools.items()

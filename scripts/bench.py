@@ -56,7 +56,7 @@ def main(cfg: DictConfig) -> None:
     editor.chunk_size = cfg.chunk_size
     result = {"hardware": hardware(cfg.device), "device": cfg.device, "model": cfg.model.name,
               "rule": cfg.editor.rule, "config": OmegaConf.to_container(cfg, resolve=True)}
-    tables = {}
+    tables = []  # (the result's key, its columns): printed as tables
     out = Path(HydraConfig.get().runtime.output_dir)
 
     def save(partial=None):
@@ -64,28 +64,28 @@ def main(cfg: DictConfig) -> None:
 
     if cfg.ns:
         result["edits"] = bench_edits(editor, cfg.ns, cfg.device, system, cfg.warmup)
-        tables["edits"] = ["n_facts", "tokens", *STAGES, "edit", "floor", "ratio", "peak_mib"]
+        tables.append(("edits", ["n_facts", "tokens", *STAGES, "edit", "floor", "ratio",
+                                 "peak_mib"]))
     if cfg.editor_checkpoint:
         result.update(massive_diagnostics(editor, cfg, lambda recs: save({"levers": recs})))
-        tables["solve"] = ["n_facts", "module", "key_rows", "residual", "leverage",
-                           "fp32_vs_fp64"]
-        tables["levers"] = ["n_facts", "changed", *cfg.levers, "ES", "ES_strict", "GS",
-                            "GS_strict", "LS", "edit_seconds"]
-        bins = [f"p<{hi:g}" for hi in CONFIDENCE_BINS[1:]]
-        tables["locality"] = ["n_facts", "changed", *(f"tokens_{b}" for b in bins),
-                              *(f"LS_{b}" for b in bins)]
+        tables.append(("solve", ["n_facts", "module", "key_rows", "residual", "leverage",
+                                 "fp32_vs_fp64"]))
+        tables.append(("levers", ["n_facts", "changed", *cfg.levers, "ES", "ES_strict", "GS",
+                                  "GS_strict", "LS", "edit_seconds"]))
+        bins = [f"p<{hi:g}" for hi in CONFIDENCE_BINS[1:]]  # the levers' LS by confidence
+        tables.append(("levers", ["n_facts", "changed", *(f"tokens_{b}" for b in bins),
+                                  *(f"LS_{b}" for b in bins)]))
     if cfg.lifelong.batches:
         result["lifelong"] = bench_lifelong(editor, cfg.lifelong.batches, cfg.lifelong.size)
     if cfg.train_steps:
         result["training"] = bench_training(editor, cfg, system)
-        tables["training"] = ["hidden_cache", "logits_at_labels_only", "seconds_per_step",
-                              "slowdown", "peak_mib"]
+        tables.append(("training", ["hidden_cache", "logits_at_labels_only",
+                                    "seconds_per_step", "slowdown", "peak_mib"]))
     save()
     print(f"\n{cfg.model.name}, {cfg.editor.rule}, {result['hardware']}")
-    for name, cols in tables.items():
-        source = "levers" if name == "locality" else name  # the levers' LS by confidence
-        if result.get(source):
-            print(markdown_table(result[source], cols))
+    for key, cols in tables:
+        if result.get(key):
+            print(markdown_table(result[key], cols))
     print(f"wrote {out / 'bench.json'}")
 
 

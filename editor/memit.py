@@ -28,6 +28,7 @@ EasyEdit's Llama settings; `locate_edit`).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,22 +124,26 @@ def weights_digest(model, upto: int) -> str:
 
 
 def key_covariance(model, tokenizer, modules: dict, config: MemitConfig,
-                   system=None) -> dict[str, torch.Tensor]:
-    """{module: C = E[k k^T]} over every token of the corpus (`_corpus_rows`), cached as
-    safetensors under a name that changes with the weights the keys depend on, the modules
-    and the corpus options (so an edited or other model gets its own)."""
+                   system=None) -> tuple[dict[str, torch.Tensor], float | None]:
+    """({module: C = E[k k^T]} over every token of the corpus (`_corpus_rows`), the seconds
+    it took to compute, None if not recorded), cached as safetensors under a name that
+    changes with the weights the keys depend on, the modules and the corpus options (so an
+    edited or other model gets its own)."""
     upto = max(block_of(model, n) for n in modules)
     spec = [sorted(modules), config.cov_conversations, config.cov_tokens, system or ""]
     name = digest(weights_digest(model, upto), *spec, size=16)
     path = cache_dir() / "covariance" / f"{name}.safetensors"
     if path.exists():
-        tensors, _ = checkpoint.load(path)
+        tensors, meta = checkpoint.load(path)
         if set(tensors) == set(modules):
-            return tensors
+            return tensors, meta.get("seconds")
+    start = time.perf_counter()
     rows = _corpus_rows(model, tokenizer, config, system)
     cov = key_moments(model, tokenizer, rows, modules, progress=True, every_token=True)
-    checkpoint.save(path, cov, {"modules": sorted(modules), "rows": len(rows)})
-    return cov
+    seconds = time.perf_counter() - start
+    checkpoint.save(path, cov, {"modules": sorted(modules), "rows": len(rows),
+                                "seconds": seconds})
+    return cov, seconds
 
 
 def null_projector(cov: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -170,7 +175,9 @@ class MemitEditor(BaseEditor):
         if self.last == len(self.block_list) - 1:
             raise ValueError(f"{config.name} edits the last block ({self.order[-1]}): the target "
                              "values need blocks above the edited ones; edit lower layers")
-        self.cov = key_covariance(model, tokenizer, modules, config, system)
+        # (the seconds it took, once per model: what a user pays before the first edit)
+        self.cov, self.covariance_seconds = key_covariance(model, tokenizer, modules,
+                                                           config, system)
 
     @classmethod
     def from_config(cls, model, tokenizer, modules, config, system=None, state=None):

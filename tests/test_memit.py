@@ -177,6 +177,8 @@ def test_covariance_is_cached_and_rebuilt_when_the_model_changes(tiny_gpt2, tmp_
     assert sorted((tmp_path / "covariance").iterdir()) == files
     assert files[0].stat().st_mtime_ns == stamp
     assert all(torch.equal(first.cov[n], again.cov[n]) for n in first.cov)
+    # what computing it cost, measured once and read back with it
+    assert first.covariance_seconds > 0 and again.covariance_seconds == first.covariance_seconds
     module = next(iter(first.modules.values()))
     saved = module.weight.detach().clone()
     try:

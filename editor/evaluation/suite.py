@@ -214,6 +214,8 @@ def evaluate(cfg, save=None, done=()) -> list[dict]:
                 metrics = edit_metrics(editor, rows, cfg.eval.batch_size, extra,
                                        before=present(ref.before["loc"][:n]))
             metrics["seconds"] = time.perf_counter() - start
+            if getattr(editor, "covariance_seconds", None) is not None:  # MEMIT, AlphaEdit
+                metrics["covariance_seconds"] = editor.covariance_seconds
             print(f"{name} {dataset} N={n}: " +
                   ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
             records += [{"method": name, "dataset": dataset, "n": n, "metric": k,

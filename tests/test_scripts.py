@@ -157,27 +157,30 @@ def test_evaluate_script_on_tiny_llama(tmp_path, tiny_llama_checkpoint):
     assert "| ft | zsre | 8 |" in changes and "| unedited |" not in changes
     assert result["config"]["eval"]["ns"] == [1, 8]
 
-    # stopped before ft's CounterFact N = 1, and run again in its folder with another cap on
-    # malmen-chat's N (a method's setting): only that and malmen-chat are measured again
+    # stopped before the unedited model's CounterFact N = 1, run again in its folder with
+    # FT's settings changed and malmen-chat's cap raised: what is missing, FT, and the N the
+    # cap adds are measured; the rest is kept as it was
     path = tmp_path / "eval" / "results.json"
     result["records"] = [r for r in records if (r["method"], r["dataset"], r["n"]) !=
-                         ("ft", "counterfact", 1)]
+                         ("unedited", "counterfact", 1)]
     path.write_text(json.dumps(result))
-    stdout = run(*args, "eval.max_n.malmen-chat=4", cwd=tmp_path, env=env)
-    assert "dropping the records of methods whose settings changed or that are gone: " \
-        "malmen-chat" in stdout
-    assert "resuming: 7 method x dataset x N already measured" in stdout
+    stdout = run(*args, "methods.ft.steps=2", "eval.max_n.malmen-chat=8", cwd=tmp_path, env=env)
+    assert "dropping the records of methods whose settings changed or that are gone: ft" \
+        in stdout
+    assert "resuming: 5 method x dataset x N already measured" in stdout
     measured = [line.split(":")[0] for line in stdout.splitlines() if " N=" in line]
-    assert sorted(measured) == ["ft counterfact N=1", "malmen-chat counterfact N=1",
-                                "malmen-chat zsre N=1"]
+    assert sorted(measured) == [
+        "ft counterfact N=1", "ft counterfact N=8", "ft zsre N=1", "ft zsre N=8",
+        "malmen-chat counterfact N=8", "malmen-chat zsre N=8", "unedited counterfact N=1"]
     kept = json.loads(path.read_text())
     again = {(r["method"], r["dataset"], r["n"], r["metric"]): r["value"]
              for r in kept["records"]}
-    assert again.keys() == value.keys()
-    assert kept["config"]["eval"]["max_n"]["malmen-chat"] == 4
-    remeasured = {tuple(m.replace(" N=", " ").split()) for m in measured}
-    assert all(again[k] == value[k] for k in value  # the same numbers, deterministic
-               if not (k[3].endswith("seconds") and (k[0], k[1], str(k[2])) in remeasured))
+    assert kept["config"]["methods"]["ft"]["steps"] == 2
+    assert ("malmen-chat", "zsre", 8, "ifeval_prompt_strict") in again
+    assert again.keys() > value.keys()
+    assert all(again[k] == value[k] for k in value  # kept, or the same slice measured again
+               if k[0] != "ft" and not (k[:3] == ("unedited", "counterfact", 1)
+                                        and k[3].endswith("seconds")))
     # with other overrides it refuses, naming what differs, before any work
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), *args[1:],
                           "eval.ns=[1,3]"], cwd=tmp_path, capture_output=True, text=True,

@@ -126,18 +126,18 @@ def finished(path: Path, config: dict) -> list[dict]:
     """The records of a stopped run in the same folder (`path`, its results.json), which
     the run resumes from; none without one; an error if it was run with another config
     but for its methods (`methods` and their `eval.max_n`). A method added is measured;
-    the records of a method whose settings or cap changed, or that is gone, are dropped
-    (and the former measured again)."""
+    the records of a method whose settings changed, or that is gone, are dropped (and the
+    former measured again); a method's other cap on N keeps its records at the N it allows
+    (an edit of N facts does not depend on the cap) and measures the N it adds."""
     if not path.exists():
         return []
     saved = json.loads(path.read_text())
 
-    def split(cfg):  # (the config but its methods, {method: (settings, cap on N)})
+    def split(cfg):  # (the config but its methods, {method: settings}, {method: cap on N})
         rest = {**cfg, "methods": None, "eval": {**cfg["eval"], "max_n": None}}
-        return rest, {m: (spec, cfg["eval"]["max_n"].get(m))
-                      for m, spec in cfg["methods"].items()}
+        return rest, cfg["methods"], cfg["eval"]["max_n"]
 
-    (old, old_methods), (new, new_methods) = split(saved["config"]), split(config)
+    (old, old_methods, _), (new, new_methods, caps) = split(saved["config"]), split(config)
     changed = sorted(k for k in {**old, **new} if old.get(k) != new.get(k))
     if changed:
         raise ValueError(f"{path} holds the results of another evaluation (config differs in: "
@@ -147,7 +147,8 @@ def finished(path: Path, config: dict) -> list[dict]:
     if dropped:
         print(f"dropping the records of methods whose settings changed or that are gone: "
               f"{', '.join(dropped)}")
-    return [r for r in saved["records"] if r["method"] in same]
+    return [r for r in saved["records"] if r["method"] in same
+            and (caps.get(r["method"]) is None or r["n"] <= caps[r["method"]])]
 
 
 def evaluate(cfg, save=None, done=()) -> list[dict]:

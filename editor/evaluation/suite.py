@@ -183,7 +183,7 @@ def evaluate(cfg, save=None, done=()) -> list[dict]:
     if cfg.eval.sequential.batches > 0:
         return run_sequential(cfg, model, tok, methods, pools, reference, drift, save, records)
     for dataset, pool in pools.items():  # what `reference` reads: the facts measured
-        pools[dataset] = pool[:max(cfg.eval.ns)]
+        pools[dataset] = pool[:max(cfg.eval.ns, default=0)]
     for name, spec in methods.items():
         max_n = cfg.eval.max_n.get(name) or float("inf")
         todo = [(d, n) for d, pool in pools.items()

@@ -21,6 +21,7 @@ M = (G - K^T B^-1 K G) / lam  (Woodbury), so A is never formed.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -38,10 +39,29 @@ class Factor:
     mu: torch.Tensor | None = None
 
 
+def in_float64_if_needed(build, keys: list[torch.Tensor], dtype, fallback: bool = True):
+    """`build(dtype)`: a Cholesky solve of `keys` (or of their statistics), which must be
+    finite. Its matrix is positive definite in exact arithmetic, so where float32's Cholesky
+    still fails (thousands of rows against a small lambda: too ill-conditioned for float32)
+    it is done once more in float64, with a warning (`fallback=False`: the error instead)."""
+    if not all(bool(torch.isfinite(k).all()) for k in keys):
+        raise FloatingPointError("keys contain NaN or Inf; nothing to solve")
+    try:
+        return build(dtype)
+    except FloatingPointError as error:
+        if not fallback or dtype == torch.float64:
+            raise
+        warnings.warn(f"{error} ({tuple(keys[0].shape)} keys); solved in float64",
+                      stacklevel=3)
+    return build(torch.float64)
+
+
 def factorize(keys: torch.Tensor, lam: torch.Tensor, dtype=torch.float32,
-              form: str = "auto", prior: torch.Tensor | None = None, mu=None) -> Factor:
+              form: str = "auto", prior: torch.Tensor | None = None, mu=None,
+              fallback: bool = True) -> Factor:
     """Cholesky factor for the solve; `form` is "auto", "keys" (d_k x d_k) or "tokens" (n x n).
-    With a key `prior` C (d_k x d_k) and its weight `mu`, A = K^T K + lam I + mu C."""
+    With a key `prior` C (d_k x d_k) and its weight `mu`, A = K^T K + lam I + mu C. Where
+    `dtype` is too coarse for the matrix, float64 (`in_float64_if_needed`)."""
     if keys.ndim != 2:
         raise ValueError(f"keys must be n x d_k, got shape {tuple(keys.shape)}")
     n, d_k = keys.shape
@@ -54,6 +74,11 @@ def factorize(keys: torch.Tensor, lam: torch.Tensor, dtype=torch.float32,
             raise ValueError(f"the key prior must be d_k x d_k = {d_k} x {d_k} with a weight mu, "
                              f"got shape {tuple(prior.shape)}, mu={mu}")
     small = prior is None and (n < d_k if form == "auto" else form == "tokens")
+    return in_float64_if_needed(lambda dt: _factorize(keys, lam, dt, small, prior, mu),
+                                [keys], dtype, fallback)
+
+
+def _factorize(keys, lam, dtype, small: bool, prior, mu) -> Factor:
     k = keys.to(dtype)
     lam = torch.as_tensor(lam, dtype=dtype, device=keys.device).reshape(())
     gram = k @ k.T if small else k.T @ k
@@ -65,8 +90,8 @@ def factorize(keys: torch.Tensor, lam: torch.Tensor, dtype=torch.float32,
     chol, info = torch.linalg.cholesky_ex(gram)
     if info.item() != 0:
         raise FloatingPointError(
-            f"least-squares matrix is not positive definite (lambda={lam.item():.3g}); "
-            "keys contain NaN/Inf or lambda is too small for this precision (try float64)")
+            f"least-squares matrix is not positive definite in {dtype} "
+            f"(lambda={lam.item():.3g}): too ill-conditioned for this precision")
     return Factor(chol, k, lam, small, prior, mu)
 
 
@@ -100,16 +125,21 @@ def solve_backward(factor: Factor, shift: torch.Tensor, grad: torch.Tensor):
 def solve_gram(gram: torch.Tensor, rhs: torch.Tensor, lam, dtype=torch.float32,
                prior: torch.Tensor | None = None, mu=None) -> torch.Tensor:
     """S = (G + lam I + mu C)^-1 R from sufficient statistics G = K^T K and R = K^T D
-    (summed over any number of batches: the joint solve of all their rows)."""
-    a = gram.to(dtype).clone()
-    a.diagonal().add_(torch.as_tensor(lam, dtype=dtype, device=a.device).reshape(()))
-    if prior is not None:
-        a = a + torch.as_tensor(mu, dtype=dtype, device=a.device).reshape(()) * prior.to(dtype)
-    chol, info = torch.linalg.cholesky_ex(a)
-    if info.item() != 0:
-        raise FloatingPointError("least-squares matrix is not positive definite; statistics "
-                                 "contain NaN/Inf or lambda is too small (try float64)")
-    return torch.cholesky_solve(rhs.to(dtype), chol)
+    (summed over any number of batches: the joint solve of all their rows); float64 where
+    `dtype` is too coarse (`in_float64_if_needed`)."""
+    def build(dtype):
+        a = gram.to(dtype).clone()
+        a.diagonal().add_(torch.as_tensor(lam, dtype=dtype, device=a.device).reshape(()))
+        if prior is not None:
+            a = a + torch.as_tensor(mu, dtype=dtype, device=a.device).reshape(()) * \
+                prior.to(dtype)
+        chol, info = torch.linalg.cholesky_ex(a)
+        if info.item() != 0:
+            raise FloatingPointError(f"least-squares matrix is not positive definite in "
+                                     f"{dtype}: too ill-conditioned for this precision")
+        return torch.cholesky_solve(rhs.to(dtype), chol)
+
+    return in_float64_if_needed(build, [gram, rhs], dtype)
 
 
 class LeastSquares(torch.autograd.Function):
@@ -151,13 +181,22 @@ def diagnostics(keys, values, lam, prior=None, mu=None) -> dict[str, float]:
     dominate); and the relative difference of S solved in float32 against float64."""
     factor = factorize(keys, lam, torch.float64, "keys", prior=prior, mu=mu)  # A, d_k x d_k
     exact = solve(factor, values)
-    approx = solve(factorize(keys, lam, torch.float32, prior=prior, mu=mu), values)
+    approx = _float32_or_none(lambda: solve(factorize(
+        keys, lam, torch.float32, prior=prior, mu=mu, fallback=False), values))
     k, d = factor.keys, values.double()
     leverage = torch.cholesky_solve(k.T @ k, factor.chol).diagonal().sum() / k.shape[0]
     return {"residual": ((k @ exact - d).norm() / d.norm().clamp_min(1e-30)).item(),
             "leverage": leverage.item(),
-            "fp32_vs_fp64": ((approx.double() - exact).norm()
-                             / exact.norm().clamp_min(1e-30)).item()}
+            "fp32_vs_fp64": float("inf") if approx is None else
+            ((approx.double() - exact).norm() / exact.norm().clamp_min(1e-30)).item()}
+
+
+def _float32_or_none(solve_fn):
+    """The float32 solve of a diagnostic, None where float32's Cholesky fails."""
+    try:
+        return solve_fn()
+    except FloatingPointError:
+        return None
 
 
 # ------------------------------------------------------------------ coupled across modules
@@ -192,12 +231,18 @@ class CoupledFactor:
 
 
 def coupled_factorize(keys: list[torch.Tensor], lams, dtype=torch.float32, priors=None,
-                      mus=None) -> CoupledFactor:
+                      mus=None, fallback: bool = True) -> CoupledFactor:
     """Factors of the coupled solve over modules with keys K_l (n x d_k_l, the same n rows),
-    ridge weights lam_l and optional key priors C_l with weights mu_l."""
+    ridge weights lam_l and optional key priors C_l with weights mu_l; where `dtype` is too
+    coarse for B (thousands of rows), float64 (`in_float64_if_needed`)."""
     if not keys or any(k.ndim != 2 or k.shape[0] != keys[0].shape[0] for k in keys):
         raise ValueError(f"coupled keys must be n x d_k with the same n rows, got shapes "
                          f"{[tuple(k.shape) for k in keys]}")
+    return in_float64_if_needed(lambda dt: _coupled_factorize(keys, lams, dt, priors, mus),
+                                keys, dtype, fallback)
+
+
+def _coupled_factorize(keys, lams, dtype, priors, mus) -> CoupledFactor:
     priors = list(priors) if priors is not None else [None] * len(keys)
     mus = list(mus) if mus is not None else [None] * len(keys)
     n, device = keys[0].shape[0], keys[0].device
@@ -219,8 +264,8 @@ def coupled_factorize(keys: list[torch.Tensor], lams, dtype=torch.float32, prior
         chol_r.append(chol), proj.append(w), ks.append(k), lam_t.append(lam), mu_t.append(mu)
     chol_b, info = torch.linalg.cholesky_ex(b)
     if info.item() != 0:
-        raise FloatingPointError("coupled least-squares matrix is not positive definite; keys "
-                                 "contain NaN/Inf (try float64)")
+        raise FloatingPointError(f"coupled least-squares matrix is not positive definite in "
+                                 f"{dtype}: too ill-conditioned for this precision")
     return CoupledFactor(chol_b, chol_r, proj, ks, lam_t, priors, mu_t)
 
 
@@ -245,8 +290,8 @@ def coupled_extend(factor: CoupledFactor, keys: list[torch.Tensor]) -> CoupledFa
     l21 = torch.linalg.solve_triangular(chol, b12, upper=False).T
     l22, info = torch.linalg.cholesky_ex(b22 - l21 @ l21.T)
     if info.item() != 0:
-        raise FloatingPointError("coupled least-squares matrix is not positive definite; keys "
-                                 "contain NaN/Inf (try float64)")
+        raise FloatingPointError(f"coupled least-squares matrix is not positive definite in "
+                                 f"{dtype} once extended: too ill-conditioned for this precision")
     n, m = chol.shape[0], new[0].shape[0]
     full = chol.new_zeros(n + m, n + m)
     full[:n, :n], full[n:, :n], full[n:, n:] = chol, l21, l22
@@ -289,10 +334,12 @@ def coupled_diagnostics(keys: list, values, lams, priors=None, mus=None) -> dict
     leverage tr(Q (I + Q)^-1) / n and float32 against float64 of the S_l."""
     exact_factor = coupled_factorize([k.double() for k in keys], lams, torch.float64, priors, mus)
     exact = coupled_solve(exact_factor, values)
-    approx = coupled_solve(coupled_factorize(keys, lams, torch.float32, priors, mus), values)
+    approx = _float32_or_none(lambda: coupled_solve(coupled_factorize(
+        keys, lams, torch.float32, priors, mus, fallback=False), values))
     d = values.double()
     fit = sum(k.double() @ s for k, s in zip(keys, exact))
-    diff = sum((a.double() - s).norm() ** 2 for a, s in zip(approx, exact)) ** 0.5
+    diff = float("inf") if approx is None else \
+        sum((a.double() - s).norm() ** 2 for a, s in zip(approx, exact)) ** 0.5
     return {"residual": ((fit - d).norm() / d.norm().clamp_min(1e-30)).item(),
             "leverage": coupled_leverage(exact_factor),
-            "fp32_vs_fp64": (diff / sum(s.norm() ** 2 for s in exact) ** 0.5).item()}
+            "fp32_vs_fp64": float(diff / sum(s.norm() ** 2 for s in exact) ** 0.5)}

@@ -140,10 +140,36 @@ def test_float32_solve_is_close_to_float64():
 def test_bad_keys_raise():
     keys, _, _ = problem(5)
     keys[0, 0] = float("nan")
-    with pytest.raises(FloatingPointError, match="not positive definite"):
+    with pytest.raises(FloatingPointError, match="NaN or Inf"):
         factorize(keys, torch.tensor(1.0, dtype=F64), F64)
     with pytest.raises(ValueError, match="n x d_k"):
         factorize(torch.zeros(3), torch.tensor(1.0))
+
+
+def test_float32_cholesky_failure_is_solved_in_float64():
+    """Many more rows than rank against a small lambda: B = I + K R^-1 K^T (and K K^T + lam I)
+    is positive definite but too ill-conditioned for float32's Cholesky (as an untrained
+    coupled editor's at N = 4096 was on a GPU). The solves warn and are done in float64; the
+    diagnostics, which measure float32 itself, report an infinite difference."""
+    from hypernet.solve import coupled_diagnostics, coupled_factorize, coupled_solve
+
+    g = torch.Generator().manual_seed(0)
+    keys = [torch.randn(400, 16, generator=g) * 30 for _ in range(2)]
+    values, lams = torch.randn(400, 8, generator=g), [1e-3, 1e-3]
+    with pytest.raises(FloatingPointError, match="not positive definite in torch.float32"):
+        coupled_factorize(keys, lams, torch.float32, fallback=False)
+    with pytest.warns(UserWarning, match="solved in float64"):
+        factor = coupled_factorize(keys, lams, torch.float32)
+    assert factor.chol_b.dtype == F64
+    exact = coupled_solve(coupled_factorize([k.double() for k in keys], lams, F64), values)
+    for got, want in zip(coupled_solve(factor, values), exact):
+        assert torch.allclose(got, want)
+    assert coupled_diagnostics(keys, values, lams)["fp32_vs_fp64"] == float("inf")
+    lam = torch.tensor(1e-3)
+    with pytest.warns(UserWarning, match="solved in float64"):
+        one = factorize(keys[0], lam, torch.float32, form="tokens")
+    assert torch.allclose(solve(one, values), solve(factorize(keys[0].double(), lam, F64,
+                                                              form="tokens"), values))
 
 
 def test_running_norm_matches_batch_statistics():

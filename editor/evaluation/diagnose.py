@@ -17,7 +17,7 @@ from __future__ import annotations
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from ..chat import encode_facts, fact_rows, sliced
+from ..chat import fact_rows, sliced
 from ..data import load_facts
 from .metrics import edit_metrics
 
@@ -31,8 +31,7 @@ def solve_diagnostics(editor, facts: list, ns: list[int]) -> list[dict]:
     for n in tqdm(ns, desc="solve diagnostics (N)"):
         if n > len(facts):
             raise ValueError(f"{n} facts asked for, {len(facts)} available")
-        batch = encode_facts(editor.tokenizer, facts[:n], editor.system)
-        captured = editor.capture(batch)
+        captured = editor.capture(editor.batch(facts[:n]))  # on the model's device
         rows = next(iter(captured.values()))[0].shape[0]
         for stats in editor.hypernet.diagnose_all(captured, editor.hyper_chunk):
             modules = stats.pop("modules")

@@ -326,12 +326,7 @@ class HyperEditor(BaseEditor):
                                                self.solve_dtype)
                 else:
                     factor, old = self.held(group, applied, prev_keys, prev_values)
-                    try:
-                        factor = coupled_extend(factor, keys)
-                    except FloatingPointError:  # too coarse for all the rows: factorize again
-                        factor = hn.factor_coupled(
-                            group, [torch.cat(p) for p in zip(prev_keys(), keys)],
-                            self.solve_dtype)
+                    factor = coupled_extend(factor, keys)
             else:  # the first batch: its own solve, as for any single edit
                 factor, all_values = hn.factor_coupled(group, keys, self.solve_dtype), values
             new = coupled_solve(factor, all_values)

@@ -275,7 +275,8 @@ def coupled_extend(factor: CoupledFactor, keys: list[torch.Tensor]) -> CoupledFa
         B = [[B11, B12], [B12^T, B22]] = [[L11, 0], [L21, L22]] [[L11, 0], [L21, L22]]^T,
         L21 = (L11^-1 B12)^T,   L22 = chol(B22 - L21 L21^T),
     so rows added in turn cost O(m n d_k) per module, not a refactorization of all n + m
-    (equal to `coupled_factorize` of all rows to float tolerance)."""
+    (equal to `coupled_factorize` of all rows to float tolerance, which it falls back to where
+    `dtype` is too coarse for the extension)."""
     dtype, chol = factor.chol_b.dtype, factor.chol_b
     new = [k.to(dtype) for k in keys]
     if len(new) != len(factor.keys) or any(
@@ -289,9 +290,9 @@ def coupled_extend(factor: CoupledFactor, keys: list[torch.Tensor]) -> CoupledFa
         k @ w for k, w in zip(new, proj))
     l21 = torch.linalg.solve_triangular(chol, b12, upper=False).T
     l22, info = torch.linalg.cholesky_ex(b22 - l21 @ l21.T)
-    if info.item() != 0:
-        raise FloatingPointError(f"coupled least-squares matrix is not positive definite in "
-                                 f"{dtype} once extended: too ill-conditioned for this precision")
+    if info.item() != 0:  # too coarse for all the rows: factorize them all (float64 if need be)
+        return coupled_factorize([torch.cat([k, k2]) for k, k2 in zip(factor.keys, new)],
+                                 factor.lams, dtype, factor.priors, factor.mus)
     n, m = chol.shape[0], new[0].shape[0]
     full = chol.new_zeros(n + m, n + m)
     full[:n, :n], full[n:, :n], full[n:, n:] = chol, l21, l22

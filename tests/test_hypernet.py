@@ -151,7 +151,8 @@ def test_float32_cholesky_failure_is_solved_in_float64():
     is positive definite but too ill-conditioned for float32's Cholesky (as an untrained
     coupled editor's at N = 4096 was on a GPU). The solves warn and are done in float64; the
     diagnostics, which measure float32 itself, report an infinite difference."""
-    from hypernet.solve import coupled_diagnostics, coupled_factorize, coupled_solve
+    from hypernet.solve import (coupled_diagnostics, coupled_extend, coupled_factorize,
+                                coupled_solve)
 
     g = torch.Generator().manual_seed(0)
     keys = [torch.randn(400, 16, generator=g) * 30 for _ in range(2)]
@@ -165,6 +166,11 @@ def test_float32_cholesky_failure_is_solved_in_float64():
     for got, want in zip(coupled_solve(factor, values), exact):
         assert torch.allclose(got, want)
     assert coupled_diagnostics(keys, values, lams)["fp32_vs_fp64"] == float("inf")
+    few = coupled_factorize([k[:8] for k in keys], lams, torch.float32, fallback=False)
+    with pytest.warns(UserWarning, match="solved in float64"):  # the extension fails too
+        grown = coupled_extend(few, [k[8:] for k in keys])
+    for got, want in zip(coupled_solve(grown, values), exact):
+        assert torch.allclose(got, want)
     lam = torch.tensor(1e-3)
     with pytest.warns(UserWarning, match="solved in float64"):
         one = factorize(keys[0], lam, torch.float32, form="tokens")

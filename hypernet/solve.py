@@ -51,7 +51,7 @@ def in_float64_if_needed(build, keys: list[torch.Tensor], dtype, fallback: bool 
     except FloatingPointError as error:
         if not fallback or dtype == torch.float64:
             raise
-        warnings.warn(f"{error} ({tuple(keys[0].shape)} keys); solved in float64",
+        warnings.warn(f"{error} (inputs of shape {tuple(keys[0].shape)}); solved in float64",
                       stacklevel=3)
     return build(torch.float64)
 

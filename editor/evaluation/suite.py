@@ -186,9 +186,9 @@ def evaluate(cfg, save=None, done=()) -> list[dict]:
         pools[dataset] = pool[:max(cfg.eval.ns, default=0)]
     for name, spec in methods.items():
         max_n = cfg.eval.max_n.get(name) or float("inf")
-        todo = [(d, n) for d, pool in pools.items()
-                for n in sorted({min(n, len(pool)) for n in cfg.eval.ns if n <= max_n})
-                if (name, d, n) not in covered]
+        todo = [(d, n) for d, pool in pools.items()  # the cap is on the N edited
+                for n in sorted({min(n, len(pool)) for n in cfg.eval.ns})
+                if n <= max_n and (name, d, n) not in covered]
         if not todo:
             continue
         editor = editor_for(name, spec, model, tok, cfg).shifter

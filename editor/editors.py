@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from hypernet import HyperNetwork
 from hypernet.solve import coupled_extend, coupled_solve
 
-from .chat import encode_facts
+from .chat import IGNORE, encode_facts
 from .lm import ChatLM, capture, first_block, forward, row_chunks
 from .methods import option
 from .models import DTYPES, kv_shape, set_weight_kv, weight_kv
@@ -369,23 +369,31 @@ class FTConfig:
     steps: int = option(20, "Adam steps on the edited modules")
     lr: float = option(1e-2, "Adam's learning rate (zsRE validation, N = 128: 1e-4 ES 0.32 "
                        "LS 0.68, 1e-3 ES 0.72 LS 0.46, 1e-2 ES 0.98 LS 0.19)")
+    chunk_size: int = option(128, "facts per forward/backward; their gradients add up to the "
+                             "full batch's, so memory is bounded at any N")
 
 
 class FTEditor(BaseEditor):
     """Fine-tuning baseline: `steps` Adam steps on the edited modules only, on the mean
-    cross-entropy of the targets (the same facts and chat formatting as the editors)."""
+    cross-entropy of the targets over all facts (the same facts and chat formatting as the
+    editors), its gradient accumulated `chunk_size` facts at a time."""
 
     def __init__(self, model, tokenizer, modules, steps: int = 20, lr: float = 1e-2,
-                 system=None):
+                 system=None, chunk_size: int = 128):
         super().__init__(model, tokenizer, modules, system)
-        self.steps, self.lr = steps, lr
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
+        self.steps, self.lr, self.chunk_size = steps, lr, chunk_size
 
     @classmethod
     def from_config(cls, model, tokenizer, modules, config: FTConfig, system=None, state=None):
-        return cls(model, tokenizer, modules, config.steps, config.lr, system)
+        return cls(model, tokenizer, modules, config.steps, config.lr, system,
+                   config.chunk_size)
 
     def compute_shifts(self, batch, lap=_no_lap):
         weights = [m.weight for m in self.modules.values()]
+        parts = list(row_chunks(batch, self.chunk_size))
+        n_labels = sum(int((p["labels"][:, 1:] != IGNORE).sum()) for p in parts)
         with self.kept_weights() as start:  # back to the weights it started from
             for w in weights:
                 w.requires_grad_(True)
@@ -393,10 +401,11 @@ class FTEditor(BaseEditor):
             try:
                 with torch.enable_grad():
                     for _ in range(self.steps):
-                        logits, labels, _ = forward(self.model, batch, self.first)
-                        loss = F.cross_entropy(logits, labels)
                         opt.zero_grad()
-                        loss.backward()
+                        for part in parts:  # sum over chunks of CE / all labels = the mean
+                            logits, labels, _ = forward(self.model, part, self.first)
+                            loss = F.cross_entropy(logits, labels, reduction="sum") / n_labels
+                            loss.backward()
                         opt.step()
                 shifts = {n: weight_kv(m).detach().float() - start[n]
                           for n, m in self.modules.items()}

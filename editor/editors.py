@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from hypernet import HyperNetwork
 from hypernet.solve import coupled_extend, coupled_solve
@@ -400,7 +401,8 @@ class FTEditor(BaseEditor):
             opt = torch.optim.Adam(weights, lr=self.lr)
             try:
                 with torch.enable_grad():
-                    for _ in range(self.steps):
+                    for _ in tqdm(range(self.steps), desc=f"fine-tune ({len(parts)} chunks)",
+                                  leave=False, delay=5):  # shown after 5 s
                         opt.zero_grad()
                         for part in parts:  # sum over chunks of CE / all labels = the mean
                             logits, labels, _ = forward(self.model, part, self.first)

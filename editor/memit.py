@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from . import checkpoint
 from .chat import IGNORE, fact_row, present
@@ -264,7 +265,9 @@ class MemitEditor(BaseEditor):
                       key=lambda i: (int(pos[i]), int(lengths[i])))
         size = self.config.chunk
         sub = {k: v[todo] for k, v in batch.items()}
-        for start, part in zip(range(0, len(todo), size), row_chunks(sub, size)):
+        chunks = zip(range(0, len(todo), size), row_chunks(sub, size))
+        for start, part in tqdm(chunks, desc=f"values ({len(todo)} facts)", leave=False,
+                                total=-(-len(todo) // size), delay=5):  # shown after 5 s
             rows = todo[start:start + size]
             z = self._values(part, pos[rows])
             found = {keys[i]: v for i, v in zip(rows, z.cpu())}

@@ -388,8 +388,10 @@ class FTEditor(BaseEditor):
 
     @classmethod
     def from_config(cls, model, tokenizer, modules, config: FTConfig, system=None, state=None):
+        # (a method of its own that reuses FTEditor with a config of steps and lr only, as
+        # registered before chunk_size existed, gets its default)
         return cls(model, tokenizer, modules, config.steps, config.lr, system,
-                   config.chunk_size)
+                   getattr(config, "chunk_size", FTConfig.chunk_size))
 
     def compute_shifts(self, batch, lap=_no_lap):
         weights = [m.weight for m in self.modules.values()]

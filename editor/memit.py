@@ -265,9 +265,10 @@ class MemitEditor(BaseEditor):
                       key=lambda i: (int(pos[i]), int(lengths[i])))
         size = self.config.chunk
         sub = {k: v[todo] for k, v in batch.items()}
-        chunks = zip(range(0, len(todo), size), row_chunks(sub, size))
-        for start, part in tqdm(chunks, desc=f"values ({len(todo)} facts)", leave=False,
-                                total=-(-len(todo) // size), delay=5):  # shown after 5 s
+        starts = range(0, len(todo), size)
+        for start, part in tqdm(zip(starts, row_chunks(sub, size)), total=len(starts),
+                                desc=f"values ({len(todo)} facts)", leave=False,
+                                delay=5):  # shown after 5 s
             rows = todo[start:start + size]
             z = self._values(part, pos[rows])
             found = {keys[i]: v for i, v in zip(rows, z.cpu())}

@@ -217,3 +217,21 @@ def test_evaluate_script_sequential_protocol_on_tiny_llama(tmp_path, tiny_llama_
         assert len(ls) == 2 and all(0 <= v <= 1 for v in ls)
     assert (tmp_path / "eval" / "retention.png").exists()
 
+
+
+def test_a_cap_on_n_means_the_same_when_resuming(tmp_path):
+    """`eval.max_n` read one way by the run and by its resume: null is no cap, 0 allows no N,
+    and a stopped run's records above a method's new cap are not kept."""
+    from editor.evaluation.suite import finished, within_cap
+
+    caps = {"ft": 0, "memit": 128, "mend": None}
+    assert [within_cap(caps, m, 128) for m in ("ft", "memit", "mend", "other")] == \
+        [False, True, True, True]
+    assert not within_cap(caps, "memit", 129)
+    config = {"model": "m", "methods": {"ft": {}, "memit": {}}, "eval": {"max_n": caps}}
+    records = [{"method": m, "dataset": "zsre", "n": n, "metric": "ES", "value": 1.0}
+               for m in ("ft", "memit") for n in (16, 1000)]
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"config": {**config, "eval": {"max_n": {}}},
+                                "records": records}))
+    assert [(r["method"], r["n"]) for r in finished(path, config)] == [("memit", 16)]

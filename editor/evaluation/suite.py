@@ -122,6 +122,13 @@ def behaviour_metrics(model, tok, drift, cfg) -> dict:
                                          system=cfg.model.system_prompt)["scores"]}
 
 
+def within_cap(caps, method: str, n: int) -> bool:
+    """Whether `eval.max_n` ({method: cap on the N edited; null or absent: none}) allows
+    editing n facts with `method`."""
+    cap = caps.get(method)
+    return cap is None or n <= cap
+
+
 def finished(path: Path, config: dict) -> list[dict]:
     """The records of a stopped run in the same folder (`path`, its results.json), which
     the run resumes from; none without one; an error if it was run with another config
@@ -147,8 +154,8 @@ def finished(path: Path, config: dict) -> list[dict]:
     if dropped:
         print(f"dropping the records of methods whose settings changed or that are gone: "
               f"{', '.join(dropped)}")
-    return [r for r in saved["records"] if r["method"] in same
-            and (caps.get(r["method"]) is None or r["n"] <= caps[r["method"]])]
+    return [r for r in saved["records"]
+            if r["method"] in same and within_cap(caps, r["method"], r["n"])]
 
 
 def evaluate(cfg, save=None, done=()) -> list[dict]:
@@ -185,10 +192,9 @@ def evaluate(cfg, save=None, done=()) -> list[dict]:
     for dataset, pool in pools.items():  # what `reference` reads: the facts measured
         pools[dataset] = pool[:max(cfg.eval.ns, default=0)]
     for name, spec in methods.items():
-        max_n = cfg.eval.max_n.get(name) or float("inf")
         todo = [(d, n) for d, pool in pools.items()  # the cap is on the N edited
                 for n in sorted({min(n, len(pool)) for n in cfg.eval.ns})
-                if n <= max_n and (name, d, n) not in covered]
+                if within_cap(cfg.eval.max_n, name, n) and (name, d, n) not in covered]
         if not todo:
             continue
         editor = editor_for(name, spec, model, tok, cfg).shifter

@@ -218,7 +218,6 @@ def test_evaluate_script_sequential_protocol_on_tiny_llama(tmp_path, tiny_llama_
     assert (tmp_path / "eval" / "retention.png").exists()
 
 
-
 def test_a_cap_on_n_means_the_same_when_resuming(tmp_path):
     """`eval.max_n` read one way by the run and by its resume: null is no cap, 0 allows no N,
     and a stopped run's records above a method's new cap are not kept."""

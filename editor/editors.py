@@ -26,7 +26,7 @@ from hypernet.solve import coupled_extend, coupled_solve
 
 from .chat import IGNORE, encode_facts
 from .lm import ChatLM, capture, first_block, forward, row_chunks
-from .methods import option
+from .methods import conform, option
 from .models import DTYPES, kv_shape, set_weight_kv, weight_kv
 
 
@@ -388,10 +388,8 @@ class FTEditor(BaseEditor):
 
     @classmethod
     def from_config(cls, model, tokenizer, modules, config: FTConfig, system=None, state=None):
-        # (a method of its own that reuses FTEditor with a config of steps and lr only, as
-        # registered before chunk_size existed, gets its default)
-        return cls(model, tokenizer, modules, config.steps, config.lr, system,
-                   getattr(config, "chunk_size", FTConfig.chunk_size))
+        config = conform(config, FTConfig)
+        return cls(model, tokenizer, modules, config.steps, config.lr, system, config.chunk_size)
 
     def compute_shifts(self, batch, lap=_no_lap):
         weights = [m.weight for m in self.modules.values()]

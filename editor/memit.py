@@ -43,7 +43,7 @@ from .editors import BaseEditor, _no_lap
 from .files import cache_dir, digest, tensors_digest
 from .lm import (PREFIX_MIN, _Stop, block_of, key_moments, last_hidden, prefix_states,
                  row_chunks)
-from .methods import option
+from .methods import conform, option
 from .models import blocks, default_edit, set_weight_kv
 from .prompts import base_responses, conversation_rows
 
@@ -161,6 +161,7 @@ def null_projector(cov: torch.Tensor, threshold: float) -> torch.Tensor:
 class MemitEditor(BaseEditor):
     """MEMIT (module docstring); AlphaEdit is the same with another solve (`AlphaEditor`)."""
 
+    config_class = MemitConfig  # what `from_config` reads a method's config as
     needs_subject = True
     keeps_keys = False  # whether each batch's K^T K is kept (`stats`)
 
@@ -182,7 +183,7 @@ class MemitEditor(BaseEditor):
 
     @classmethod
     def from_config(cls, model, tokenizer, modules, config, system=None, state=None):
-        return cls(model, tokenizer, modules, config, system)
+        return cls(model, tokenizer, modules, conform(config, cls.config_class), system)
 
     # ------------------------------------------------------------ reading
     def taps(self, batch, pos) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -372,6 +373,8 @@ class AlphaEditor(MemitEditor):
     """AlphaEdit: MEMIT's target values and residual spread with the null-space projected
     solve; sequentially, the keys of the batches applied before (`applied`, their K^T K,
     set by `Editor.edit`) join the preserved set."""
+
+    config_class = AlphaEditConfig
 
     def __init__(self, model, tokenizer, modules, config: AlphaEditConfig, system=None):
         super().__init__(model, tokenizer, modules, config, system)

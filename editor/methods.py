@@ -16,7 +16,9 @@ default and a help line (`field(metadata={"help": ...})`); `method.config_from(m
 builds it from a YAML section or keyword overrides, and names any key it does not know;
 `method.saved_config(mapping)` from a checkpoint's saved config, where an option renamed
 since (the class's `RENAMED`) is read under its new name and one added since takes the
-value it had before (`BEFORE`).
+value it had before (`BEFORE`). An editor class reads its config through
+`conform(config, ItsConfig)`, so a method registered with a smaller config of its own for an
+existing editor class gets every option it leaves out at the editor's default.
 """
 
 from __future__ import annotations
@@ -124,6 +126,17 @@ def get_method(name: str) -> Method:
     if name not in METHODS:
         raise ValueError(f"unknown editing method {name!r}; registered: {sorted(METHODS)}")
     return METHODS[name]
+
+
+def conform(config, cls: type):
+    """`config` read as `cls`, the config dataclass an editor class reads: the fields they
+    share from `config`, every other field at `cls`'s default. A method registered with a
+    config of its own for an existing editor class (FT with steps and lr only, say) gets the
+    options it does not name, including ones the editor gained later, at their defaults."""
+    if isinstance(config, cls):
+        return config
+    return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)
+                  if hasattr(config, f.name)})
 
 
 def help_lines(config: type) -> dict[str, str]:

@@ -147,9 +147,10 @@ def test_registry_lists_builtin_methods_with_help_and_rejects_unknown_options():
 
 
 def test_a_registered_method_is_usable_from_the_api(tiny_llama):
-    """A new method is one class plus one registration: here, FT with its own defaults."""
+    """A new method is one class plus one registration: here, FT with its own defaults
+    (options its config does not name, like chunk_size, take FT's defaults)."""
     from editor import Editor
-    from editor.editors import FTEditor
+    from editor.editors import FTConfig, FTEditor
 
     @dataclass
     class HalfStepConfig:
@@ -163,6 +164,7 @@ def test_a_registered_method_is_usable_from_the_api(tiny_llama):
         model, tok = tiny_llama
         ed = Editor.from_pretrained(model, tokenizer=tok, method="half-ft", steps=2)
         assert isinstance(ed.shifter, FTEditor) and ed.shifter.steps == 2
+        assert ed.shifter.lr == 5e-5 and ed.shifter.chunk_size == FTConfig.chunk_size
         with pytest.raises(ValueError, match="already registered"):
             register_method("half-ft", HalfStepConfig, FTEditor)
         with pytest.raises(ValueError, match="is meta-trained"):

@@ -216,6 +216,11 @@ def test_evaluate_script_sequential_protocol_on_tiny_llama(tmp_path, tiny_llama_
         ls = [r["value"] for r in records if r["method"] == method and r["metric"] == "LS"]
         assert len(ls) == 2 and all(0 <= v <= 1 for v in ls)
     assert (tmp_path / "eval" / "retention.png").exists()
+    table = (tmp_path / "eval" / "results.md").read_text().splitlines()
+    assert "| ES_first |" in table[0] and table[0].endswith("| edit_seconds |")
+    rows = [line.split(" | ") for line in table if line.startswith("| ft | zsre |")]
+    assert [r[2] for r in rows] == ["4", "8", "12"]  # a row per batch, with its edit time
+    assert all(float(r[-1].rstrip(" |")) > 0 for r in rows)
 
 
 def test_a_cap_on_n_means_the_same_when_resuming(tmp_path):

@@ -25,18 +25,20 @@ def markdown_table(rows: list[dict], cols: list[str], missing: str = "") -> str:
 BEHAVIOUR = ["ifeval_prompt_strict", "advbench_refusal", "xstest_over_refusal", "kl_instruction",
              "kl_harmful"]
 EDIT = ["ES", "ES_strict", "GS", "GS_strict", "ES_gen", "GS_gen", "LS"]
+EXTRA = ["ES_first", *BEHAVIOUR, "edit_seconds"]  # columns of the table where measured
 CHANGED = ["ifeval_prompt_strict", "ifeval_inst_strict", "advbench_refusal",
            "xstest_over_refusal"]
 
 
 def table(records: list[dict]) -> str:
-    """One row per method x dataset x N; the edit metrics, then behaviour where measured."""
+    """One row per method x dataset x N; the edit metrics, then where measured the first
+    batch's ES (sequential protocol), behaviour and the edit's seconds."""
     cells = {}
     for r in records:
         key = (r["method"], r["dataset"], r["n"])
         row = cells.setdefault(key, dict(zip(("method", "data", "N"), key)))
         row[r["metric"]] = r["value"]
-    cols = EDIT + [m for m in BEHAVIOUR if any(m in c for c in cells.values())]
+    cols = EDIT + [m for m in EXTRA if any(m in c for c in cells.values())]
     return markdown_table(list(cells.values()), ["method", "data", "N", *cols])
 
 

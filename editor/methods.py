@@ -16,9 +16,9 @@ default and a help line (`field(metadata={"help": ...})`); `method.config_from(m
 builds it from a YAML section or keyword overrides, and names any key it does not know;
 `method.saved_config(mapping)` from a checkpoint's saved config, where an option renamed
 since (the class's `RENAMED`) is read under its new name and one added since takes the
-value it had before (`BEFORE`). An editor class reads its config through
-`conform(config, ItsConfig)`, so a method registered with a smaller config of its own for an
-existing editor class gets every option it leaves out at the editor's default.
+value it had before (`BEFORE`). FT, MEMIT and AlphaEdit read their config through
+`conform(config, TheirConfig)`, so a method registered with a smaller config of its own for
+one of those editor classes gets every option it leaves out at the editor's default.
 """
 
 from __future__ import annotations

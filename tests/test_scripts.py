@@ -222,6 +222,48 @@ def test_evaluate_script_sequential_protocol_on_tiny_llama(tmp_path, tiny_llama_
     assert [r[2] for r in rows] == ["4", "8", "12"]  # a row per batch, with its edit time
     assert all(float(r[-1].rstrip(" |")) > 0 for r in rows)
 
+    # the same run in two parts (methods apart, as run in parallel) merges back into it,
+    # and evaluate.py resumes from the merged file without measuring anything again
+    whole = json.loads((tmp_path / "eval" / "results.json").read_text())
+    parts = {"a": ["unedited", "malmen-chat", "malmen-stacked"], "b": ["ft", "memit", "alphaedit"]}
+    for part, names in parts.items():
+        (tmp_path / part).mkdir()
+        (tmp_path / part / "results.json").write_text(json.dumps({
+            "config": {**whole["config"], "methods": {m: whole["config"]["methods"][m]
+                                                      for m in names}},
+            "records": [r for r in records if r["method"] in names]}))
+    out = tmp_path / "merged" / "results"
+    run("collect.py", str(tmp_path / "a"), str(tmp_path / "b"), f"--out={out}", cwd=tmp_path)
+    merged = json.loads(out.with_suffix(".json").read_text())
+    assert merged["config"]["methods"].keys() == whole["config"]["methods"].keys()
+    assert sorted(map(json.dumps, merged["records"])) == sorted(map(json.dumps, records))
+    assert out.with_name("results-retention.png").exists()
+    assert sorted(out.with_suffix(".md").read_text().splitlines()) == sorted(table)
+    stdout = run("evaluate.py", "model=tiny-llama", "eval.sequential={batches:3,size:4,every:2}",
+                 "eval.datasets=[zsre]", "eval.behaviour_ns=[]", "~methods.malmen-nq",
+                 "~methods.mend",
+                 f"+methods.malmen-stacked={{rule:malmen,checkpoint:{ckpt},joint:false}}",
+                 "methods.ft.steps=2", "methods.memit.v_steps=3", "methods.alphaedit.v_steps=3",
+                 "+methods.memit.cov_conversations=8", "+methods.alphaedit.cov_conversations=8",
+                 f"editors_dir={editors}", f"hydra.run.dir={out.parent}", cwd=tmp_path,
+                 env={"CHATEDIT_CACHE": str(tmp_path / "cache")})
+    assert "resuming" in stdout and "reference" not in stdout and "batch 1/3" not in stdout
+
+
+def test_merge_refuses_parts_of_different_evaluations():
+    from editor.evaluation.suite import merge
+
+    part = {"model": {"name": "m"}, "eval": {"max_n": {}}, "methods": {"ft": {"lr": 0.01}}}
+    rec = {"method": "ft", "dataset": "zsre", "n": 4, "metric": "ES", "value": 0.5}
+    other_model = {**part, "model": {"name": "other"}, "methods": {"memit": {}}}
+    with pytest.raises(ValueError, match="config differs in: model"):
+        merge({"a": {"config": part, "records": [rec]}, "b": {"config": other_model,
+                                                            "records": []}})
+    other_lr = {**part, "methods": {"ft": {"lr": 0.1}}}
+    with pytest.raises(ValueError, match="method 'ft' has other settings in b"):
+        merge({"a": {"config": part, "records": [rec]}, "b": {"config": other_lr,
+                                                            "records": []}})
+
 
 def test_a_cap_on_n_means_the_same_when_resuming(tmp_path):
     """`eval.max_n` read one way by the run and by its resume: null is no cap, 0 allows no N,

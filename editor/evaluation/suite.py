@@ -129,6 +129,48 @@ def within_cap(caps, method: str, n: int) -> bool:
     return cap is None or n <= cap
 
 
+def split(config: dict) -> tuple[dict, dict, dict]:
+    """A results.json config as (the rest, {method: settings}, {method: cap on N})."""
+    rest = {**config, "methods": None, "eval": {**config["eval"], "max_n": None}}
+    return rest, config["methods"], config["eval"]["max_n"]
+
+
+def differ(a: dict, b: dict) -> str:
+    """The top-level keys whose values differ, comma-separated ('' when none)."""
+    return ", ".join(sorted(k for k in {**a, **b} if a.get(k) != b.get(k)))
+
+
+def merge(runs: dict[str, dict]) -> dict:
+    """The results.json of one evaluation run in parts ({source: results}, e.g. a method per
+    run folder, in parallel) as one, which `scripts/evaluate.py` resumes like its own: the
+    parts' configs must agree but for their methods and caps; a method in two parts must
+    have the same settings, and a record (method x dataset x N x metric x batch) that two
+    parts hold comes from the first."""
+    (first, results), = list(runs.items())[:1]
+    base, methods, caps = split(results["config"])
+    methods, caps, records, seen = dict(methods), dict(caps), [], set()
+    for source, results in runs.items():
+        rest, its_methods, its_caps = split(results["config"])
+        changed = differ(base, rest)
+        if changed:
+            raise ValueError(f"{source} is another evaluation than {first} (config differs "
+                             f"in: {changed}); only runs that differ in their methods merge")
+        for name, spec in its_methods.items():
+            if methods.setdefault(name, spec) != spec:
+                raise ValueError(f"method {name!r} has other settings in {source} than in an "
+                                 f"earlier part: {spec} != {methods[name]}")
+        caps.update({k: v for k, v in its_caps.items() if k not in caps})
+        for r in results["records"]:
+            key = (r["method"], r["dataset"], r["n"], r["metric"], r.get("batch"))
+            if key not in seen:
+                seen.add(key)
+                records.append(r)
+    config = runs[first]["config"]
+    config = {**config, "methods": methods, "eval": {**config["eval"], "max_n": caps}}
+    return {"config": config, "records": records,
+            "seconds": sum(r.get("seconds", 0.0) for r in runs.values())}
+
+
 def finished(path: Path, config: dict) -> list[dict]:
     """The records of a stopped run in the same folder (`path`, its results.json), which
     the run resumes from; none without one; an error if it was run with another config
@@ -139,16 +181,11 @@ def finished(path: Path, config: dict) -> list[dict]:
     if not path.exists():
         return []
     saved = json.loads(path.read_text())
-
-    def split(cfg):  # (the config but its methods, {method: settings}, {method: cap on N})
-        rest = {**cfg, "methods": None, "eval": {**cfg["eval"], "max_n": None}}
-        return rest, cfg["methods"], cfg["eval"]["max_n"]
-
     (old, old_methods, _), (new, new_methods, caps) = split(saved["config"]), split(config)
-    changed = sorted(k for k in {**old, **new} if old.get(k) != new.get(k))
+    changed = differ(old, new)
     if changed:
         raise ValueError(f"{path} holds the results of another evaluation (config differs in: "
-                         f"{', '.join(changed)}); use a new run folder or the same overrides")
+                         f"{changed}); use a new run folder or the same overrides")
     same = {m for m, spec in new_methods.items() if old_methods.get(m) == spec}
     dropped = sorted({r["method"] for r in saved["records"]} - same)
     if dropped:

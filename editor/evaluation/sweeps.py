@@ -1,6 +1,6 @@
-"""A sweep folder's runs as one table and plot (scripts/collect.py): each job folder's
-metrics.json (or results.json), with the overrides it was launched with (its
-.hydra/overrides.yaml)."""
+"""A training sweep folder's runs as one table and plot (scripts/collect.py): each job
+folder's metrics.json, with the overrides it was launched with (its .hydra/overrides.yaml).
+Evaluation runs merge instead (`suite.merge`)."""
 
 from __future__ import annotations
 
@@ -17,14 +17,13 @@ DEFAULT_METRICS = ["val_ES", "val_GS", "val_LS", "test_ES", "test_GS", "test_LS"
 
 
 def jobs(sweep: Path) -> list[dict]:
-    """One record per job folder holding metrics.json (or results.json records)."""
+    """One record per job folder holding metrics.json."""
     out = []
-    for metrics in sorted(sweep.rglob("metrics.json")) + sorted(sweep.rglob("results.json")):
+    for metrics in sorted(sweep.rglob("metrics.json")):
         job = metrics.parent
         overrides_file = job / ".hydra" / "overrides.yaml"
         overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.exists() else []
-        data = json.loads(metrics.read_text())
-        flat = data if isinstance(data, dict) else {}
+        flat = json.loads(metrics.read_text())
         out.append({"job": str(job.relative_to(sweep)),
                     "overrides": dict(o.split("=", 1) for o in overrides if "=" in o),
                     "metrics": {k: v for k, v in flat.items() if isinstance(v, (int, float))}})

@@ -66,7 +66,8 @@ def report(records: list[dict]) -> str:
 
 
 def plot_records(records: list[dict], path: Path) -> None:
-    """Each metric against N (log scale), one line per method (and dataset), as a PNG."""
+    """Each metric against N (log scale; the sequential protocol's: the facts edited so far),
+    one line per method (and dataset), as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -74,6 +75,8 @@ def plot_records(records: list[dict], path: Path) -> None:
 
     metrics = [m for m in EDIT + BEHAVIOUR if any(r["metric"] == m for r in records)]
     datasets = sorted({r["dataset"] for r in records})
+    xlabel = "facts edited so far" if any("batch" in r for r in records) else \
+        "facts edited at once"
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.2), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         for method in dict.fromkeys(r["method"] for r in records):
@@ -84,7 +87,7 @@ def plot_records(records: list[dict], path: Path) -> None:
                     label = method if len(datasets) == 1 else f"{method} ({dataset})"
                     ax.plot(*zip(*pts), marker="o", label=label)
         ax.set_xscale("log")
-        ax.set_xlabel("facts edited at once")
+        ax.set_xlabel(xlabel)
         ax.set_title(metric)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()

@@ -27,7 +27,12 @@ from editor.files import write_atomic, write_json
 def evaluations(paths: list[Path]) -> dict[str, dict]:
     """{file: results} of the evaluation results (JSON with `records`) at or under `paths`."""
     files = [f for p in paths for f in ([p] if p.is_file() else sorted(p.rglob("results.json")))]
-    found = {str(f): json.loads(f.read_text()) for f in files}
+    found = {}
+    for f in files:
+        try:
+            found[str(f)] = json.loads(f.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{f} is not a JSON results file: {e}") from None
     return {f: r for f, r in found.items() if isinstance(r, dict) and "records" in r}
 
 
@@ -73,16 +78,17 @@ def main(argv=None) -> None:
     first = args.paths[0]
     out = args.out or (first if first.is_dir() else first.parent) / "collect"
     out.parent.mkdir(parents=True, exist_ok=True)
-    runs = evaluations(args.paths)
-    if runs:
-        try:
+    try:
+        runs = evaluations(args.paths)
+        if runs:
             collect_evaluations(runs, out)
-        except ValueError as e:
-            parser.error(str(e))
-    elif len(args.paths) > 1 or not first.is_dir():
+    except ValueError as e:
+        parser.error(str(e))
+    if runs:
+        return
+    if len(args.paths) > 1 or not first.is_dir():
         parser.error("several paths or a file: give evaluations (results.json with records)")
-    else:
-        collect_sweep(first, out, args.metrics, args.x, parser.error)
+    collect_sweep(first, out, args.metrics, args.x, parser.error)
 
 
 if __name__ == "__main__":

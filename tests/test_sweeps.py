@@ -55,3 +55,10 @@ def test_sweep_runs_through_submitit_local_executor(tmp_path):
 def test_collect_rejects_an_empty_folder(tmp_path):
     out = script("collect.py", str(tmp_path), cwd=tmp_path, check=False)
     assert out.returncode != 0 and "no metrics.json" in out.stderr
+
+
+def test_collect_names_a_broken_results_file(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "results.json").write_text('{"records": [')
+    out = script("collect.py", str(tmp_path / "run"), cwd=tmp_path, check=False)
+    assert out.returncode != 0 and "results.json is not a JSON results file" in out.stderr

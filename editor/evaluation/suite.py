@@ -146,11 +146,11 @@ def merge(runs: dict[str, dict]) -> dict:
     parts' configs must agree but for their methods and caps; a method in two parts must
     have the same settings, and a record (method x dataset x N x metric x batch) that two
     parts hold comes from the first."""
-    (first, results), = list(runs.items())[:1]
-    base, methods, caps = split(results["config"])
+    first = next(iter(runs))
+    base, methods, caps = split(runs[first]["config"])
     methods, caps, records, seen = dict(methods), dict(caps), [], set()
-    for source, results in runs.items():
-        rest, its_methods, its_caps = split(results["config"])
+    for source, part in runs.items():
+        rest, its_methods, its_caps = split(part["config"])
         changed = differ(base, rest)
         if changed:
             raise ValueError(f"{source} is another evaluation than {first} (config differs "
@@ -160,7 +160,7 @@ def merge(runs: dict[str, dict]) -> dict:
                 raise ValueError(f"method {name!r} has other settings in {source} than in an "
                                  f"earlier part: {spec} != {methods[name]}")
         caps.update({k: v for k, v in its_caps.items() if k not in caps})
-        for r in results["records"]:
+        for r in part["records"]:
             key = (r["method"], r["dataset"], r["n"], r["metric"], r.get("batch"))
             if key not in seen:
                 seen.add(key)

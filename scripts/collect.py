@@ -17,9 +17,8 @@ import argparse
 import json
 from pathlib import Path
 
-from editor.evaluation.report import plot_records, report
-from editor.evaluation.sequential import plot_retention
-from editor.evaluation.suite import merge
+from editor.evaluation.report import report
+from editor.evaluation.suite import merge, plot_results, save_results
 from editor.evaluation.sweeps import DEFAULT_METRICS, jobs, plot, swept, table
 from editor.files import write_atomic, write_json
 
@@ -38,13 +37,10 @@ def evaluations(paths: list[Path]) -> dict[str, dict]:
 
 def collect_evaluations(runs: dict[str, dict], out: Path) -> None:
     merged = merge(runs)
-    records = merged["records"]
-    print(report(records))
-    write_json(out.with_suffix(".json"), merged)
-    write_atomic(out.with_suffix(".md"), report(records))
-    plot_records(records, out.with_suffix(".png"))
-    if any("batch" in r for r in records):
-        plot_retention(records, out.with_name(out.name + "-retention.png"))
+    print(report(merged["records"]))
+    save_results(merged, out.with_suffix(".json"))
+    plot_results(merged["records"], out.with_suffix(".png"),
+                 out.with_name(out.name + "-retention.png"))
     print(f"merged {len(runs)} evaluations into {out.with_suffix('.json')}")
 
 
@@ -77,15 +73,12 @@ def main(argv=None) -> None:
         parser.error(f"not found: {', '.join(missing)}")
     first = args.paths[0]
     out = args.out or (first if first.is_dir() else first.parent) / "collect"
-    out.parent.mkdir(parents=True, exist_ok=True)
     try:
         runs = evaluations(args.paths)
         if runs:
-            collect_evaluations(runs, out)
+            return collect_evaluations(runs, out)
     except ValueError as e:
         parser.error(str(e))
-    if runs:
-        return
     if len(args.paths) > 1 or not first.is_dir():
         parser.error("several paths or a file: give evaluations (results.json with records)")
     collect_sweep(first, out, args.metrics, args.x, parser.error)

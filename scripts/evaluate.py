@@ -15,7 +15,6 @@ methods and N it finished; run again with the same overrides and
 methods may be added, removed or changed then (a changed one is measured again).
 """
 
-import json
 import time
 from pathlib import Path
 
@@ -24,11 +23,9 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from editor.evaluation.report import plot_records, report
 from editor.evaluation.config import register
-from editor.evaluation.sequential import plot_retention
-from editor.evaluation.suite import evaluate, finished
-from editor.files import write_atomic
+from editor.evaluation.report import report
+from editor.evaluation.suite import evaluate, finished, plot_results, save_results
 
 register()  # the eval group (typed, in editor.evaluation.config)
 
@@ -43,15 +40,11 @@ def main(cfg: DictConfig) -> None:
     done = finished(out / "results.json", config)  # a stopped run in this folder resumes
 
     def save(records):
-        write_atomic(out / "results.json", json.dumps(
-            {"config": config, "records": records,
-             "seconds": time.perf_counter() - start}, indent=2))
-        write_atomic(out / "results.md", report(records))
+        save_results({"config": config, "records": records,
+                      "seconds": time.perf_counter() - start}, out / "results.json")
 
     records = evaluate(cfg, save, done)
-    plot_records(records, out / "results.png")
-    if cfg.eval.sequential.batches > 0:
-        plot_retention(records, out / "retention.png")
+    plot_results(records, out / "results.png", out / "retention.png")
     seconds = time.perf_counter() - start
     print(f"\n{report(records)}\n\nwrote {out / 'results.json'} ({seconds:.0f}s)")
 

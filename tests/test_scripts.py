@@ -195,13 +195,15 @@ def test_evaluate_script_sequential_protocol_on_tiny_llama(tmp_path, tiny_llama_
     (editors / "malmen-chat").mkdir(parents=True)
     shutil.copy(tiny_llama_checkpoint, editors / "malmen-chat" / "checkpoint.safetensors")
     ckpt = editors / "malmen-chat" / "checkpoint.safetensors"
-    run("evaluate.py", "model=tiny-llama", "eval.sequential={batches:3,size:4,every:2}",
+    overrides = [
+        "model=tiny-llama", "eval.sequential={batches:3,size:4,every:2}",
         "eval.datasets=[zsre]", "eval.behaviour_ns=[]", "~methods.malmen-nq", "~methods.mend",
         f"+methods.malmen-stacked={{rule:malmen,checkpoint:{ckpt},joint:false}}",
         "methods.ft.steps=2", "methods.memit.v_steps=3", "methods.alphaedit.v_steps=3",
         "+methods.memit.cov_conversations=8", "+methods.alphaedit.cov_conversations=8",
-        f"editors_dir={editors}", f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path,
-        env={"CHATEDIT_CACHE": str(tmp_path / "cache")})
+        f"editors_dir={editors}"]
+    env = {"CHATEDIT_CACHE": str(tmp_path / "cache")}
+    run("evaluate.py", *overrides, f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path, env=env)
     records = json.loads((tmp_path / "eval" / "results.json").read_text())["records"]
     methods = {"malmen-chat", "malmen-stacked", "ft", "memit", "alphaedit"}
     assert {r["method"] for r in records} == methods  # the unedited model has no batches
@@ -239,14 +241,8 @@ def test_evaluate_script_sequential_protocol_on_tiny_llama(tmp_path, tiny_llama_
     assert sorted(map(json.dumps, merged["records"])) == sorted(map(json.dumps, records))
     assert out.with_name("results-retention.png").exists()
     assert sorted(out.with_suffix(".md").read_text().splitlines()) == sorted(table)
-    stdout = run("evaluate.py", "model=tiny-llama", "eval.sequential={batches:3,size:4,every:2}",
-                 "eval.datasets=[zsre]", "eval.behaviour_ns=[]", "~methods.malmen-nq",
-                 "~methods.mend",
-                 f"+methods.malmen-stacked={{rule:malmen,checkpoint:{ckpt},joint:false}}",
-                 "methods.ft.steps=2", "methods.memit.v_steps=3", "methods.alphaedit.v_steps=3",
-                 "+methods.memit.cov_conversations=8", "+methods.alphaedit.cov_conversations=8",
-                 f"editors_dir={editors}", f"hydra.run.dir={out.parent}", cwd=tmp_path,
-                 env={"CHATEDIT_CACHE": str(tmp_path / "cache")})
+    stdout = run("evaluate.py", *overrides, f"hydra.run.dir={out.parent}", cwd=tmp_path,
+                 env=env)
     assert "resuming" in stdout and "reference" not in stdout and "batch 1/3" not in stdout
 
 

@@ -27,13 +27,15 @@ from ..chat import fact_row, present
 from ..data import load_facts
 from ..editors import NoEditor
 from ..extras import require
+from ..files import write_atomic, write_json
 from ..lm import ChatLM, forward, kl_before_after, padded
 from ..methods import get_method
 from ..models import load_model
 from ..prompts import base_responses, conversation_rows
 from .behaviour import behaviour_suite
 from .metrics import answer_matches, edit_metrics, generation_metrics, teacher_forced
-from .sequential import distinct, sequential
+from .report import plot_records, report
+from .sequential import distinct, plot_retention, sequential
 
 
 def checkpoint(name, spec, cfg):
@@ -169,6 +171,21 @@ def merge(runs: dict[str, dict]) -> dict:
     config = {**config, "methods": methods, "eval": {**config["eval"], "max_n": caps}}
     return {"config": config, "records": records,
             "seconds": sum(r.get("seconds", 0.0) for r in runs.values())}
+
+
+def save_results(results: dict, path: Path) -> None:
+    """An evaluation's results ({config, records, seconds}) as `path` (JSON) and its table
+    beside it (.md)."""
+    write_json(path, results)
+    write_atomic(path.with_suffix(".md"), report(results["records"]))
+
+
+def plot_results(records: list[dict], path: Path, retention: Path) -> None:
+    """Each metric against N as `path`; the sequential protocol's records (with `batch`)
+    also as the retention plot `retention`."""
+    plot_records(records, path)
+    if any("batch" in r for r in records):
+        plot_retention(records, retention)
 
 
 def finished(path: Path, config: dict) -> list[dict]:

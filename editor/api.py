@@ -157,6 +157,7 @@ class Editor:
         self.shifter, self.name = shifter, name
         self.answer_tokens, self.checkpoint_path = answer_tokens, checkpoint_path
         self.history: list[EditBatch] = []
+        self._summed: tuple[list, dict] = ([], {})  # total_shift's last batches and sum
         self.fingerprint = weights_fingerprint(shifter.master)
 
     lm = property(lambda self: self.shifter.lm)  # the loaded model (lm.ChatLM)
@@ -263,13 +264,20 @@ class Editor:
         return self.shifter.modules
 
     def total_shift(self, batches=None) -> dict[str, torch.Tensor]:
-        """Sum of the shifts of `batches` (default: all applied), added in order."""
+        """Sum of the shifts of `batches` (default: all applied), added in order. The last
+        sum is kept: when `batches` starts with its batches, only the rest are added to it
+        (the same additions in the same order, so the same bits), and a batch in turn costs
+        one addition, not one per batch edited so far."""
         batches = self.history if batches is None else batches
-        total = {n: torch.zeros_like(w) for n, w in self.shifter.master.items()}
-        for b in batches:
+        done, total = self._summed
+        if not done or len(done) > len(batches) or any(a is not b for a, b in zip(done, batches)):
+            done, total = [], {n: torch.zeros_like(w) for n, w in self.shifter.master.items()}
+        total = dict(total)  # its tensors are replaced, never written in place
+        for b in batches[len(done):]:
             for n in total:
                 total[n] = total[n] + b.shifts[n].to(total[n])  # shifts are kept on the CPU
-        return total
+        self._summed = (list(batches), total)
+        return dict(total)
 
     def _write(self, batches) -> None:
         """Weights <- master + total shift of `batches`; raises before writing anything if a

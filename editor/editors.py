@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from hypernet import HyperNetwork
-from hypernet.solve import coupled_extend, coupled_solve
+from hypernet.solve import CoupledRunning, coupled_add
 
 from .chat import IGNORE, encode_facts
 from .lm import ChatLM, capture, first_block, forward, row_chunks
@@ -209,7 +209,7 @@ class HyperEditor(BaseEditor):
         self.hypernet, self.solve_dtype, self.chunk_size = hypernet, solve_dtype, chunk_size
         self.hyper_chunk, self.eot_rows, self.step_scale = hyper_chunk, eot_rows, step_scale
         self.joint = joint and hypernet.solves
-        self._held = {}  # coupled joint solves: group -> (its batches' keys, factor, [S_l])
+        self._held = {}  # coupled joint solves: group -> (its batches' keys, CoupledRunning)
 
     @classmethod
     def from_config(cls, model, tokenizer, modules, config: HyperConfig, system=None,
@@ -295,10 +295,10 @@ class HyperEditor(BaseEditor):
 
     def coupled_joint(self, captured, joint: bool, lap) -> dict[str, torch.Tensor]:
         """Coupled solves (`HyperNetwork.couple`) over this batch's rows and, jointly, the
-        rows of the batches in `applied` (their keys and summed D, kept in order). The
-        factor and the solve of the rows so far are kept (`held`), so a batch in turn costs
-        its own rows' extension of the factor (`coupled_extend`), not a refactorization of
-        every row edited so far; rebuilt from the statistics after a rollback or a load."""
+        rows of the batches in `applied` (their keys and summed D, kept in order). The solve
+        of the rows so far is kept (`held`), so a batch in turn costs its own rows' update of
+        it (`coupled_add`), not a solve of every row edited so far; rebuilt from the
+        statistics after a rollback or a load."""
         hn, shifts = self.hypernet, {}
         for group in hn.groups(captured):
             keys = [captured[n][0] for n in group]
@@ -309,44 +309,38 @@ class HyperEditor(BaseEditor):
                                for n, k in zip(group, keys)})
             self.stats[f"{group[0]}:values"] = values.float().cpu()
             applied = [b[f"{group[0]}:keys"] for b in self.applied] if joint else []
-            old = None
-            if applied:
-                def kept(part, name, like):
-                    return torch.cat([b[f"{name}:{part}"] for b in self.applied]).to(like)
-
-                def prev_keys(group=group, keys=keys):  # every earlier row's keys, if solved again
-                    return [kept("keys", n, k) for n, k in zip(group, keys)]
-
-                prev_values = kept("values", group[0], values)
-                all_values = torch.cat([prev_values, values])
-                if hn.reg_rows:  # lambda and mu change with the rows: solve all again
-                    prev = prev_keys()
-                    old = coupled_solve(hn.factor_coupled(group, prev, self.solve_dtype),
-                                        prev_values)
-                    factor = hn.factor_coupled(group, [torch.cat(p) for p in zip(prev, keys)],
-                                               self.solve_dtype)
-                else:
-                    factor, old = self.held(group, applied, prev_keys, prev_values)
-                    factor = coupled_extend(factor, keys)
-            else:  # the first batch: its own solve, as for any single edit
-                factor, all_values = hn.factor_coupled(group, keys, self.solve_dtype), values
-            new = coupled_solve(factor, all_values)
-            self._held[group[0]] = (applied + [self.stats[f"{group[0]}:keys"]], factor, new)
-            if old is not None:
-                new = [a - b for a, b in zip(new, old)]
+            if not applied:  # the first batch: its own solve, as for any single edit
+                run = hn.start_coupled(group, keys, values, self.solve_dtype)
+                new = run.shifts
+            elif hn.reg_rows:  # lambda and mu change with the rows: solve all again
+                prev = self.kept(group, keys, values)
+                run = hn.start_coupled(group, [torch.cat(p) for p in zip(prev[0], keys)],
+                                       torch.cat([prev[1], values]), self.solve_dtype)
+                old = hn.start_coupled(group, *prev, self.solve_dtype).shifts
+                new = [a - b.to(a) for a, b in zip(run.shifts, old)]
+            else:
+                run, new = coupled_add(self.held(group, applied, keys, values), keys, values)
+            self._held[group[0]] = (applied + [self.stats[f"{group[0]}:keys"]], run)
             shifts.update(zip(group, [s.to(values.dtype) for s in new]))
             lap("solve")
         return shifts
 
-    def held(self, group, applied: list, keys, values):
-        """(factor, [S_l]) of the coupled solve over the rows of `applied` (`keys()` their
-        keys, `values` their summed D): those kept by the last edit when it covered exactly
-        these batches, else solved again."""
-        rows, factor, solved = self._held.get(group[0], ([], None, None))
+    def kept(self, group, keys, values):
+        """([K_l], D) of the batches in `applied`, on the device and dtype of this batch's."""
+        def part(name, kind, like):
+            return torch.cat([b[f"{name}:{kind}"] for b in self.applied]).to(like)
+        return [part(n, "keys", k) for n, k in zip(group, keys)], part(group[0], "values", values)
+
+    def held(self, group, applied: list, keys, values) -> CoupledRunning:
+        """The coupled solve over the rows of `applied`: the one kept by the last edit when
+        it covered exactly these batches, else solved again from their statistics. Taken
+        out of `_held` (`coupled_add` may update it in place): an edit that fails leaves
+        nothing stale behind."""
+        rows, run = self._held.pop(group[0], ([], None))
         if len(rows) == len(applied) and all(a is b for a, b in zip(rows, applied)):
-            return factor, solved
-        factor = self.hypernet.factor_coupled(group, keys(), self.solve_dtype)
-        return factor, coupled_solve(factor, values)
+            return run
+        return self.hypernet.start_coupled(group, *self.kept(group, keys, values),
+                                           self.solve_dtype)
 
 
 def summed(batches: list[dict], name: str) -> dict[str, torch.Tensor]:

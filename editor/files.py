@@ -89,6 +89,16 @@ def write_json(path: str | Path, obj) -> None:
     write_atomic(path, json.dumps(obj, indent=2))
 
 
+def pyplot():
+    """matplotlib's pyplot on its file-only backend, Agg (the `plot` extra)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def save_figure(fig, path: str | Path, dpi: int = 100) -> None:
     """A matplotlib figure written atomically as PNG, then closed."""
     import matplotlib.pyplot as plt

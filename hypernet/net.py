@@ -33,9 +33,9 @@ import math
 import torch
 from torch import nn
 
-from .solve import (Factor, coupled_backward, coupled_diagnostics, coupled_factorize,
-                    coupled_solve, diagnostics, factorize, least_squares, solve, solve_backward,
-                    solve_gram)
+from .solve import (CoupledRunning, Factor, coupled_backward, coupled_diagnostics,
+                    coupled_factorize, coupled_solve, coupled_start, diagnostics, factorize,
+                    least_squares, solve, solve_backward, solve_gram)
 
 
 class RunningNorm(nn.Module):
@@ -437,17 +437,14 @@ class HyperNetwork(nn.Module):
         """MALMEN's S of module `name` from keys and desired value shifts D."""
         return self.net(name).solve(keys, values, self.index[name], dtype)
 
-    def factor_coupled(self, names: list[str], keys: list, dtype=torch.float32):
-        """The coupled solve's factors (`CoupledFactor`) of modules `names` (one shape)."""
-        return self.net(names[0]).coupled_factor(keys, [self.index[n] for n in names], dtype)
-
     @torch.no_grad()
-    def solve_coupled(self, names: list[str], keys: list, values,
-                      dtype=torch.float32) -> list[torch.Tensor]:
-        """The coupled solve's [S_l] of modules `names` (one shape) from their keys and the
-        summed desired value shifts D (n x d_v)."""
-        factor = self.factor_coupled(names, keys, dtype)
-        return [s.to(values.dtype) for s in coupled_solve(factor, values)]
+    def start_coupled(self, names: list[str], keys: list, values,
+                      dtype=torch.float32) -> CoupledRunning:
+        """The coupled solve of modules `names` (one shape) from their keys and the summed
+        desired value shifts D (n x d_v), kept for more rows (`solve.coupled_add`)."""
+        net, layers = self.net(names[0]), [self.index[n] for n in names]
+        return coupled_start(keys, values, dtype=dtype,
+                             **net.coupled_weights(layers, keys[0].shape[0]))
 
     @torch.no_grad()
     def solve_statistics(self, name: str, stats: dict[str, torch.Tensor],

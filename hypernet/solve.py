@@ -302,6 +302,110 @@ def coupled_extend(factor: CoupledFactor, keys: list[torch.Tensor]) -> CoupledFa
                          factor.priors, factor.mus)
 
 
+# ------------------------------------------------------------------ coupled, rows in turn
+#
+# Lifelong editing adds rows to one coupled solve batch by batch. With K = [K_1 .. K_L]
+# (n x p, p = sum_l d_k_l), R = blockdiag(R_l) and A = K^T K + R, the solve is S = A^-1 K^T D
+# (Woodbury of the form above), and m new rows K' (m x p), D' change it by recursive least
+# squares, without the n earlier rows' D:
+#
+#     S' = S + A'^-1 K'^T (D' - K' S),
+#     A'^-1 K'^T = W B'^-1 E                        (row space, E: B's new rows of I)
+#                = P K'^T (I + K' P K'^T)^-1         (key space, P = A^-1, p x p).
+#
+# While the rows number at most p, the row-space factor is extended (`coupled_extend`), and
+# B'^-1 E = L^-T [0; L22^-1] costs O(m n (n + p)); beyond p rows the editor keeps P (float64)
+# instead, updated by Woodbury, P' = P - P K'^T (I + K' P K'^T)^-1 K' P, in O(m p^2): from
+# there on a batch costs the same however many rows were edited before it.
+
+
+@dataclass
+class CoupledRunning:
+    """A coupled solve kept across batches of rows: the S_l of all rows so far, and the row
+    space factor (`factor`, while rows <= p) or the key space inverse P (`inverse`)."""
+
+    shifts: list[torch.Tensor]
+    rows: int
+    lams: list
+    priors: list | None
+    mus: list | None
+    factor: CoupledFactor | None = None
+    inverse: torch.Tensor | None = None
+
+
+def coupled_inverse(keys: list[torch.Tensor], lams, priors=None, mus=None) -> torch.Tensor:
+    """P = (K^T K + R)^-1 (p x p, float64) for keys K_l (n x d_k_l), K = [K_1 .. K_L] and
+    R = blockdiag(lam_l I + mu_l C_l)."""
+    k = torch.cat(keys, 1).double()
+    a = k.T @ k
+    start = 0
+    for i, key in enumerate(keys):
+        block = a[start:start + key.shape[1], start:start + key.shape[1]]
+        block.diagonal().add_(torch.as_tensor(lams[i], dtype=a.dtype, device=a.device))
+        if priors is not None and priors[i] is not None:
+            block += torch.as_tensor(mus[i], dtype=a.dtype, device=a.device) * \
+                priors[i].to(a.dtype)
+        start += key.shape[1]
+    chol, info = torch.linalg.cholesky_ex(a)
+    if info.item() != 0:
+        raise FloatingPointError("coupled key-space matrix K^T K + R is not positive definite")
+    return torch.cholesky_inverse(chol)
+
+
+def coupled_start(keys: list[torch.Tensor], values: torch.Tensor, lams, dtype=torch.float32,
+                  priors=None, mus=None) -> CoupledRunning:
+    """The coupled solve of n rows (keys K_l, summed shifts D), kept for `coupled_add`: in
+    row space (`coupled_factorize`, `dtype`) up to p rows, else with the key-space P."""
+    n, sizes = keys[0].shape[0], [k.shape[1] for k in keys]
+    if n <= sum(sizes):
+        factor = coupled_factorize(keys, lams, dtype, priors, mus)
+        return CoupledRunning(coupled_solve(factor, values), n, lams, priors, mus, factor)
+    inverse = coupled_inverse(keys, lams, priors, mus)
+    shifts = inverse @ (torch.cat(keys, 1).double().T @ values.double())
+    return CoupledRunning(list(shifts.split(sizes)), n, lams, priors, mus, inverse=inverse)
+
+
+def coupled_add(run: CoupledRunning, keys: list[torch.Tensor],
+                values: torch.Tensor) -> tuple[CoupledRunning, list[torch.Tensor]]:
+    """(the solve with m more rows, [S'_l - S_l]) from their keys K'_l (m x d_k_l) and summed
+    shifts D' (m x d_v): recursive least squares (above); equal to `coupled_start` of all
+    rows to float tolerance. In key space P is updated in place: `run` is not to be used
+    again."""
+    sizes, m = [s.shape[0] for s in run.shifts], values.shape[0]
+    if len(keys) != len(sizes) or any(k.ndim != 2 or k.shape != (m, d)
+                                      for k, d in zip(keys, sizes)):
+        raise ValueError(f"coupled_add: keys must be {m} x d_k for the solve's modules "
+                         f"{sizes}, got {[tuple(k.shape) for k in keys]}")
+    rows, factor, inverse = run.rows + m, None, None
+    if run.inverse is None and rows <= sum(sizes):
+        factor = coupled_extend(run.factor, keys)
+        dtype, chol = factor.chol_b.dtype, factor.chol_b
+        z = torch.linalg.solve_triangular(chol[run.rows:, run.rows:],
+                                          torch.eye(m, dtype=dtype, device=chol.device),
+                                          upper=False)
+        z = torch.linalg.solve_triangular(chol.T, torch.cat([z.new_zeros(run.rows, m), z]),
+                                          upper=True)
+        gain = torch.cat([w @ z for w in factor.proj])  # A'^-1 K'^T, p x m
+    elif run.inverse is None:  # the rows outgrow p: P of all rows, once
+        inverse = coupled_inverse([torch.cat([a, b.to(a)]) for a, b in zip(run.factor.keys,
+                                                                          keys)],
+                                  run.lams, run.priors, run.mus)
+        gain = inverse @ torch.cat(keys, 1).double().T
+    else:
+        k = torch.cat(keys, 1).to(run.inverse)
+        u = run.inverse @ k.T
+        c = torch.linalg.cholesky(torch.eye(m, dtype=u.dtype, device=u.device) + k @ u)
+        gain = torch.cholesky_solve(u.T, c).T  # u (I + K' P K'^T)^-1
+        inverse = run.inverse
+    shifts = [s.to(gain) for s in run.shifts]
+    residual = values.to(gain) - sum(k.to(gain) @ s for k, s in zip(keys, shifts))
+    delta = list((gain @ residual).split(sizes))
+    if run.inverse is not None:  # last, and in place (680 MB at p = 9,216): `run` is used up
+        inverse.addmm_(gain, u.T, alpha=-1)
+    return CoupledRunning([s + d for s, d in zip(shifts, delta)], rows, run.lams, run.priors,
+                          run.mus, factor, inverse), delta
+
+
 def coupled_solve(factor: CoupledFactor, values: torch.Tensor) -> list[torch.Tensor]:
     """[S_l] (d_k x d_v each) from the summed desired value shifts D (n x d_v)."""
     a = torch.cholesky_solve(values.to(factor.chol_b.dtype), factor.chol_b)

@@ -76,7 +76,8 @@ def main(cfg: DictConfig) -> None:
         tables.append(("levers", ["n_facts", "changed", *(f"tokens_{b}" for b in bins),
                                   *(f"LS_{b}" for b in bins)]))
     if cfg.lifelong.batches:
-        result["lifelong"] = bench_lifelong(editor, cfg.lifelong.batches, cfg.lifelong.size)
+        result["lifelong"] = bench_lifelong(editor, cfg.lifelong.batches, cfg.lifelong.size,
+                                            out / "lifelong.png")
     if cfg.train_steps:
         result["training"] = bench_training(editor, cfg, system)
         tables.append(("training", ["hidden_cache", "logits_at_labels_only",

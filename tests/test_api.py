@@ -57,7 +57,12 @@ def test_sequential_edits_and_bitwise_rollback(ed):
     assert len(ed.history) == 2 and not same(w1, weights(ed))
     ed.rollback()
     assert same(weights(ed), w1) and len(ed.history) == 1
-    ed.edit(FACTS[1:])
+    ed.edit(FACTS[1:])  # three batches in turn: the kept sum is each batch's sum afresh
+    ed.edit([{"prompt": "Who painted the Mona Lisa?", "target": "Leonardo"}], check=False)
+    fresh = {n: torch.zeros_like(w) for n, w in ed.shifter.master.items()}
+    for b in ed.history:
+        fresh = {n: fresh[n] + b.shifts[n] for n in fresh}
+    assert all(torch.equal(fresh[n], s) for n, s in ed.total_shift().items())
     ed.rollback(all=True)
     assert same(weights(ed), w0) and ed.history == []
     with pytest.raises(IndexError, match="nothing to roll back"):

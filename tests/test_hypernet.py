@@ -362,6 +362,32 @@ def test_coupled_factor_extended_by_rows_equals_the_factor_of_all_rows():
         coupled_extend(factor, [k[:3, :5] for k in keys])
 
 
+def test_coupled_rows_added_in_turn_equal_one_solve_in_row_and_key_space():
+    """Batches of rows added in turn (`coupled_add`: recursive least squares) give the S_l of
+    one solve of all the rows: in row space while the rows number at most p = sum_l d_k
+    (36 here), then once more with P = (K^T K + R)^-1 of all rows, then by Woodbury updates
+    of P; `coupled_start` of more than p rows starts in key space. Keys of another width are
+    refused."""
+    from hypernet.solve import coupled_add, coupled_factorize, coupled_solve, coupled_start
+
+    keys, values, priors = coupled_problem(50)
+    lams, mus = [0.7, 1.3, 0.4], [2.0, 0.5, 1.0]
+    run = coupled_start([k[:10] for k in keys], values[:10], lams, F64, priors, mus)
+    total = list(run.shifts)
+    for lo, hi, space in [(10, 25, "rows"), (25, 33, "rows"), (33, 42, "keys"), (42, 46, "keys"),
+                              (46, 50, "keys")]:
+        run, delta = coupled_add(run, [k[lo:hi] for k in keys], values[lo:hi])
+        total = [t + d for t, d in zip(total, delta)]
+        assert run.rows == hi and (run.inverse is None) == (space == "rows")
+    exact = coupled_solve(coupled_factorize(keys, lams, F64, priors, mus), values)
+    started = coupled_start(keys, values, lams, F64, priors, mus)
+    assert started.inverse is not None and started.factor is None
+    for a, b, c, want in zip(total, run.shifts, started.shifts, exact):
+        assert all(torch.allclose(x, want, atol=1e-9) for x in (a, b, c))
+    with pytest.raises(ValueError, match="keys must be 3 x d_k"):
+        coupled_add(run, [k[:3, :5] for k in keys], values[:3])
+
+
 @pytest.mark.parametrize("prior", [False, True])
 def test_coupled_shifts_and_backward_equal_autograd(prior):
     """HyperNetwork(couple=True): shifts() of two same-shape modules (and a third of another

@@ -36,9 +36,9 @@ def test_batches_edited_in_turn_equal_one_joint_edit(dtype, tol, couple):
     once = malmen_editor(dtype, couple=couple)
     once.edit(FACTS, check=False)
     turns = malmen_editor(dtype, couple=couple)
-    factorized = []  # coupled: batches in turn extend the factor of the rows so far
-    factor = turns.shifter.hypernet.factor_coupled
-    turns.shifter.hypernet.factor_coupled = lambda *a: factorized.append(1) or factor(*a)
+    factorized = []  # coupled: batches in turn update the solve of the rows so far
+    start = turns.shifter.hypernet.start_coupled
+    turns.shifter.hypernet.start_coupled = lambda *a: factorized.append(1) or start(*a)
     for i in range(0, len(FACTS), 4):
         turns.edit(FACTS[i:i + 4], check=False)
     assert len(turns.history) == 3 and len(factorized) == couple
@@ -70,6 +70,30 @@ def test_rollback_drops_a_batch_and_save_load_continues_the_joint_solve(tmp_path
     again.load_edits(tmp_path / "edits2")
     assert [len(b.facts) for b in again.history] == [4, 8]
     assert all(set(b.stats) == set(later.history[0].stats) for b in again.history)
+
+
+@pytest.mark.parametrize("dtype, tol", [(None, 1e-4), ("bfloat16", 2e-2)])
+def test_a_coupled_sequence_past_the_keys_width_equals_one_joint_edit(tmp_path, dtype, tol):
+    """Past p = 2 x 256 key rows (the two down_projs' keys side by side) the running solve
+    keeps (K^T K + R)^-1 instead of the row-space factor; batches in turn, and a batch added
+    after `load_edits` (which solves the loaded rows again, in key space), still give one
+    joint edit of all the facts."""
+    facts = [{"prompt": f"Which city hosts the archive of record {i}?", "target": f"Port {i}"}
+             for i in range(150)]
+    once = malmen_editor(dtype, couple=True)
+    once.edit(facts, check=False)
+    turns = malmen_editor(dtype, couple=True)
+    for i in range(0, 120, 40):
+        turns.edit(facts[i:i + 40], check=False)
+    (run,) = [run for _, run in turns.shifter._held.values()]
+    assert run.rows > 512 and run.inverse is not None
+    turns.save_edits(tmp_path / "edits")
+    later = malmen_editor(dtype, couple=True)
+    later.load_edits(tmp_path / "edits")
+    for ed in (turns, later):  # two batches more: P is updated by Woodbury, then used
+        ed.edit(facts[120:135], check=False)
+        ed.edit(facts[135:], check=False)
+        assert relative(ed.total_shift(), once.total_shift()) < tol
 
 
 def test_a_batch_without_statistics_is_stacked_with_a_warning():

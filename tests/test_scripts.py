@@ -113,6 +113,9 @@ def test_bench_script_diagnoses_a_trained_editor(tmp_path, tiny_llama_checkpoint
     assert all(0 <= r["ES"] <= 1 and r["n_facts"] == 8 for r in levers)
     lifelong = result["lifelong"]  # 3 batches in turn equal one joint edit of the 12 facts
     assert len(lifelong["batch_seconds"]) == 3 and lifelong["vs_joint"] < 1e-4
+    assert all(0 < s < b for s, b in zip(lifelong["solve_seconds"], lifelong["batch_seconds"]))
+    assert 0 < lifelong["rows"][0] < lifelong["rows"][1] < lifelong["rows"][2]
+    assert (tmp_path / "lifelong.png").stat().st_size > 0
 
 
 def test_evaluate_script_on_tiny_llama(tmp_path, tiny_llama_checkpoint):

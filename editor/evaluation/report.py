@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..files import save_figure
+from ..files import pyplot, save_figure
 
 
 def markdown_table(rows: list[dict], cols: list[str], missing: str = "") -> str:
@@ -68,10 +68,7 @@ def report(records: list[dict]) -> str:
 def plot_records(records: list[dict], path: Path) -> None:
     """Each metric against N (log scale; the sequential protocol's: the facts edited so far),
     one line per method (and dataset), as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     metrics = [m for m in EDIT + BEHAVIOUR if any(r["metric"] == m for r in records)]
     datasets = sorted({r["dataset"] for r in records})

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 
 from ..chat import present
-from ..files import save_figure
+from ..files import pyplot, save_figure
 from ..lm import accuracy
 from ..text import key
 from .metrics import teacher_forced
@@ -66,10 +66,7 @@ def sequential(editor, ref, facts: list[dict], batches: int, size: int, batch_si
 
 def plot_retention(records: list[dict], path) -> None:
     """ES of the first batch's facts against the number of batches, one line per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
     for method in dict.fromkeys(r["method"] for r in records):

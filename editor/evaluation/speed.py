@@ -16,10 +16,12 @@ import time
 import psutil
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from ..api import Editor
 from ..chat import conversations
 from ..data import load_facts
+from ..files import pyplot, save_figure
 from ..lm import forward, padded, row_chunks
 from .sequential import distinct
 
@@ -146,22 +148,33 @@ def hardware(device: str) -> str:
     return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
-def bench_lifelong(editor, batches: int, size: int) -> dict:
-    """`batches` x `size` distinct zsRE facts edited in turn through the `Editor` API:
-    seconds per batch, then how far the total shift is from one edit of all of them
-    (relative Frobenius norm, worst module) and that edit's seconds."""
-    facts = distinct(list(load_facts("zsre", "test")) + list(load_facts("zsre", "train")))
-    facts = facts[:batches * size]
+def bench_lifelong(editor, batches: int, size: int, png=None) -> dict:
+    """`batches` x `size` distinct zsRE facts (test, then train, then their rephrases as
+    facts of their own) edited in turn through the `Editor` API: per batch its seconds, its
+    solve's seconds and the key rows edited so far (plotted to `png`), then how far the
+    total shift is from one edit of all of them (relative Frobenius norm, worst module) and
+    that edit's seconds."""
+    facts = list(load_facts("zsre", "test")) + list(load_facts("zsre", "train"))
+    facts = distinct(facts + [{"prompt": r, "target": f["target"]}
+                              for f in facts for r in f["rephrases"]])[:batches * size]
     if len(facts) < batches * size:
         raise ValueError(f"lifelong: {batches} x {size} facts, but only {len(facts)} distinct")
     ed = Editor(editor, "bench")
-    out = {"batch_seconds": []}
+    laps, compute = Laps(), editor.compute_shifts
+    editor.compute_shifts = lambda batch, lap=None, **kw: compute(batch, laps, **kw)
+    out = {"batch_seconds": [], "solve_seconds": [], "rows": []}
     try:
-        for t in range(batches):
-            start = time.perf_counter()
+        for t in tqdm(range(batches), desc="lifelong batches"):
+            laps.seconds, start = {}, time.perf_counter()
             ed.edit(facts[t * size:(t + 1) * size], check=False)
             out["batch_seconds"].append(time.perf_counter() - start)
-            print(f"batch {t + 1}/{batches}: {out['batch_seconds'][-1]:.1f}s")
+            out["solve_seconds"].append(laps.seconds.get("solve", 0.0))
+            rows = next((int(v.sum()) for k, v in ed.history[-1].stats.items()
+                         if k.endswith(":rows")), 0)  # this batch's key rows (MALMEN)
+            out["rows"].append(rows + (out["rows"][-1] if t else 0))
+        del editor.compute_shifts
+        if png:
+            plot_lifelong(out, png)
         turns = ed.total_shift()
         start = time.perf_counter()
         with editor.unedited():
@@ -172,6 +185,20 @@ def bench_lifelong(editor, batches: int, size: int) -> dict:
                                / once[n].float().cpu().norm()).item() for n in turns)
         print(f"{batches} x {size} in turn vs one edit of all: {out['vs_joint']:.2e}")
     finally:
+        editor.__dict__.pop("compute_shifts", None)
         if ed.history:
             ed.rollback(all=True)
     return out
+
+
+def plot_lifelong(out: dict, png) -> None:
+    """Seconds per batch, and its solve's, against the key rows edited so far."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    x = out["rows"] if any(out["rows"]) else range(1, len(out["batch_seconds"]) + 1)
+    ax.plot(x, out["batch_seconds"], ".", ms=3, label="edit (batch)")
+    ax.plot(x, out["solve_seconds"], ".", ms=3, label="solve")
+    ax.set(xlabel="key rows edited so far" if any(out["rows"]) else "batch",
+           ylabel="seconds", title="Editing in turn: seconds per batch")
+    ax.legend()
+    save_figure(fig, png)

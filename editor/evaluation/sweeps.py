@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from ..files import save_figure
+from ..files import pyplot, save_figure
 from .report import markdown_table
 
 DEFAULT_METRICS = ["val_ES", "val_GS", "val_LS", "test_ES", "test_GS", "test_LS",
@@ -44,10 +44,7 @@ def table(records: list[dict], keys: list[str], metrics: list[str]) -> str:
 
 def plot(records, keys, metrics, x, path: Path) -> bool:
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
     except ImportError:
         return False
     fig, ax = plt.subplots(figsize=(8, 4))

@@ -24,7 +24,7 @@ from .. import checkpoint
 from ..chat import fact_rows
 from ..data import load_facts
 from ..evaluation.metrics import answer_matches, edit_metrics, generation_metrics
-from ..files import digest, save_figure, write_atomic, write_json
+from ..files import digest, pyplot, save_figure, write_atomic, write_json
 from ..methods import get_method
 from ..models import edit_modules, load_model
 from .meta import (MetaTrainer, check_config, check_pool, fact_keys, load_data,
@@ -55,10 +55,7 @@ def make_logger(cfg, out: Path, past: list[dict]):
 def plot(history: list[dict], path: Path) -> None:
     """Losses (log scale) and validation metrics against the step, as a PNG."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
     except ImportError:
         return
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))

@@ -242,6 +242,17 @@ def coupled_factorize(keys: list[torch.Tensor], lams, dtype=torch.float32, prior
                                 keys, dtype, fallback)
 
 
+def ridge(d: int, lam, prior, mu, dtype, device):
+    """(R = lam I + mu C, d x d; lam; mu) as tensors of `dtype`: a module's regularizer in
+    the coupled solve (mu stays None without a key prior C)."""
+    lam = torch.as_tensor(lam, dtype=dtype, device=device).reshape(())
+    r = torch.diag(lam.expand(d))
+    if prior is not None:
+        mu = torch.as_tensor(mu, dtype=dtype, device=device).reshape(())
+        r = r + mu * prior.to(dtype)
+    return r, lam, mu
+
+
 def _coupled_factorize(keys, lams, dtype, priors, mus) -> CoupledFactor:
     priors = list(priors) if priors is not None else [None] * len(keys)
     mus = list(mus) if mus is not None else [None] * len(keys)
@@ -250,11 +261,7 @@ def _coupled_factorize(keys, lams, dtype, priors, mus) -> CoupledFactor:
     chol_r, proj, ks, lam_t, mu_t = [], [], [], [], []
     for k, lam, prior, mu in zip(keys, lams, priors, mus):
         k = k.to(dtype)
-        lam = torch.as_tensor(lam, dtype=dtype, device=device).reshape(())
-        r = torch.diag(lam.expand(k.shape[1]))
-        if prior is not None:
-            mu = torch.as_tensor(mu, dtype=dtype, device=device).reshape(())
-            r = r + mu * prior.to(dtype)
+        r, lam, mu = ridge(k.shape[1], lam, prior, mu, dtype, device)
         chol, info = torch.linalg.cholesky_ex(r)
         if info.item() != 0:
             raise FloatingPointError(f"ridge matrix lam I + mu C is not positive definite "
@@ -338,14 +345,12 @@ def coupled_inverse(keys: list[torch.Tensor], lams, priors=None, mus=None) -> to
     R = blockdiag(lam_l I + mu_l C_l)."""
     k = torch.cat(keys, 1).double()
     a = k.T @ k
+    priors, mus = priors or [None] * len(keys), mus or [None] * len(keys)
     start = 0
-    for i, key in enumerate(keys):
-        block = a[start:start + key.shape[1], start:start + key.shape[1]]
-        block.diagonal().add_(torch.as_tensor(lams[i], dtype=a.dtype, device=a.device))
-        if priors is not None and priors[i] is not None:
-            block += torch.as_tensor(mus[i], dtype=a.dtype, device=a.device) * \
-                priors[i].to(a.dtype)
-        start += key.shape[1]
+    for key, lam, prior, mu in zip(keys, lams, priors, mus):
+        d = key.shape[1]
+        a[start:start + d, start:start + d] += ridge(d, lam, prior, mu, a.dtype, a.device)[0]
+        start += d
     chol, info = torch.linalg.cholesky_ex(a)
     if info.item() != 0:
         raise FloatingPointError("coupled key-space matrix K^T K + R is not positive definite")

@@ -172,7 +172,6 @@ def bench_lifelong(editor, batches: int, size: int, png=None) -> dict:
             rows = next((int(v.sum()) for k, v in ed.history[-1].stats.items()
                          if k.endswith(":rows")), 0)  # this batch's key rows (MALMEN)
             out["rows"].append(rows + (out["rows"][-1] if t else 0))
-        del editor.compute_shifts
         if png:
             plot_lifelong(out, png)
         turns = ed.total_shift()

@@ -58,7 +58,7 @@ safe-model: $(STAMP)
 	$(PY) scripts/align.py
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check editor hypernet scripts tests
+	$(VENV)/bin/ruff check chatedit hypernet scripts tests
 
 clean-cache:
 	rm -rf $${CHATEDIT_CACHE:-$$HOME/.cache/chatedit}

@@ -18,11 +18,11 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from editor.evaluation.behaviour import Limit, SuiteConfig, behaviour_suite
-from editor.evaluation.report import markdown_table
-from editor.files import write_json
-from editor.models import load_model
-from editor.safety.recipe import SafetyRecipe, build, safe_folder
+from chatedit.evaluation.behaviour import Limit, SuiteConfig, behaviour_suite
+from chatedit.evaluation.report import markdown_table
+from chatedit.files import write_json
+from chatedit.models import load_model
+from chatedit.safety.recipe import SafetyRecipe, build, safe_folder
 
 
 @dataclass

@@ -5,10 +5,10 @@
     python scripts/bench.py model=tiny-llama editor=mend
 
 Edits of N facts at once, in the editor's own stages (capture, hypernetwork, solve, apply),
-against a plain forward + backward over the same facts (editor.evaluation.speed);
+against a plain forward + backward over the same facts (chatedit.evaluation.speed);
 meta-training seconds per step with and without the hidden-state cache and position-
-restricted logits (editor.training.speed). With `editor_checkpoint` (a trained editor),
-also the diagnostics of massive editing (editor.evaluation.diagnose): the solve per edited
+restricted logits (chatedit.training.speed). With `editor_checkpoint` (a trained editor),
+also the diagnostics of massive editing (chatedit.evaluation.diagnose): the solve per edited
 module at each N of `diagnose_ns` (facts from every split of zsRE and CounterFact: a
 measurement of the solve, not a selection), and ES/GS/LS on the validation split of `data`
 at each N of `scale_ns`, as trained and with one test-time lever of `levers` changed at a
@@ -23,18 +23,18 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from editor import Editor
-from editor.evaluation.diagnose import massive_diagnostics
-from editor.evaluation.metrics import CONFIDENCE_BINS
-from editor.evaluation.report import markdown_table
-from editor.evaluation.speed import STAGES, bench_edits, bench_lifelong, hardware
-from editor.files import write_atomic
-from editor.methods import get_method
-from editor.models import edit_modules, load_model
-from editor.training.config import register
-from editor.training.speed import bench_training
+from chatedit import Editor
+from chatedit.evaluation.diagnose import massive_diagnostics
+from chatedit.evaluation.metrics import CONFIDENCE_BINS
+from chatedit.evaluation.report import markdown_table
+from chatedit.evaluation.speed import STAGES, bench_edits, bench_lifelong, hardware
+from chatedit.files import write_atomic
+from chatedit.methods import get_method
+from chatedit.models import edit_modules, load_model
+from chatedit.training.config import register
+from chatedit.training.speed import bench_training
 
-register()  # the train, locality and editor groups (typed, in editor.training.config)
+register()  # the train, locality and editor groups (typed, in chatedit.training.config)
 
 
 @hydra.main(config_path="../conf", config_name="bench", version_base="1.3")
@@ -45,13 +45,13 @@ def main(cfg: DictConfig) -> None:
                             chat_template=cfg.model.chat_template)
     if cfg.editor_checkpoint:
         editor = Editor.from_pretrained(model, cfg.editor_checkpoint, tokenizer=tok,
-                                        system=system).shifter
+                                        system=system).method
     else:  # an untrained editor of the configured method, for timing
         method = get_method(cfg.editor.rule)
         module, layers = method.default_edit(model) if method.own_layers else \
             (cfg.model.edit.module, list(cfg.model.edit.layers))  # MEMIT: its own layers
         modules = edit_modules(model, module, layers)
-        editor = method.editor.from_config(model, tok, modules, method.config_from(
+        editor = method.cls.from_config(model, tok, modules, method.config_from(
             OmegaConf.to_container(cfg.editor, resolve=True)), system)
     editor.chunk_size = cfg.chunk_size
     result = {"hardware": hardware(cfg.device), "device": cfg.device, "model": cfg.model.name,

@@ -17,10 +17,10 @@ import argparse
 import json
 from pathlib import Path
 
-from editor.evaluation.report import report
-from editor.evaluation.suite import merge, plot_results, save_results
-from editor.evaluation.sweeps import DEFAULT_METRICS, jobs, plot, swept, table
-from editor.files import write_atomic, write_json
+from chatedit.evaluation.report import report
+from chatedit.evaluation.suite import merge, plot_results, save_results
+from chatedit.evaluation.sweeps import DEFAULT_METRICS, jobs, plot, swept, table
+from chatedit.files import write_atomic, write_json
 
 
 def evaluations(paths: list[Path]) -> dict[str, dict]:

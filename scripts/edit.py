@@ -18,10 +18,10 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from editor import Editor
-from editor.chat import describe
-from editor.data import load_facts
-from editor.files import check_folder, write_atomic
+from chatedit import Editor
+from chatedit.chat import describe
+from chatedit.data import load_facts
+from chatedit.files import check_folder, write_atomic
 
 def table(rows: list[dict]) -> str:
     lines = [f"{'':<10} {'prompt':<46} {'wanted':<18} {'before':<34} after"]

@@ -1,4 +1,4 @@
-"""Evaluate editors as the number of facts edited at once grows (editor.evaluation.suite).
+"""Evaluate editors as the number of facts edited at once grows (chatedit.evaluation.suite).
 
     python scripts/evaluate.py                                   # conf/eval/default.yaml
     python scripts/evaluate.py model=smollm2-135m-instruct-safe \\
@@ -23,11 +23,11 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from editor.evaluation.config import register
-from editor.evaluation.report import report
-from editor.evaluation.suite import evaluate, finished, plot_results, save_results
+from chatedit.evaluation.config import register
+from chatedit.evaluation.report import report
+from chatedit.evaluation.suite import evaluate, finished, plot_results, save_results
 
-register()  # the eval group (typed, in editor.evaluation.config)
+register()  # the eval group (typed, in chatedit.evaluation.config)
 
 
 @hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")

@@ -5,7 +5,7 @@
     python scripts/train.py editor=ft                          # baseline: evaluate only
     python scripts/train.py hydra.run.dir=<old run folder>     # resume a killed run
 
-The run (editor.training.run) writes checkpoint.safetensors, history.jsonl, curves.png and
+The run (chatedit.training.run) writes checkpoint.safetensors, history.jsonl, curves.png and
 metrics.json into the hydra run folder, beside hydra's own record of the config.
 """
 
@@ -16,10 +16,10 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from editor.training.config import register
-from editor.training.run import run
+from chatedit.training.config import register
+from chatedit.training.run import run
 
-register()  # the train, locality and editor groups (typed, in editor.training.config)
+register()  # the train, locality and editor groups (typed, in chatedit.training.config)
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")

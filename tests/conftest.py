@@ -11,7 +11,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 
 import pytest  # noqa: E402
 
-from editor.models import load_model  # noqa: E402
+from chatedit.models import load_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -24,9 +24,27 @@ def tiny_gpt2():
     return load_model("tiny-gpt2")
 
 
+# the shipped model families, as seeded random 4-block models (SmolLM2's tokenizer)
+FAMILIES = ["tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-gpt2"]
+REAL = ["smollm2-135m-instruct", "smollm2-135m-instruct-safe"]
+
+
+def pytest_configure(config):
+    """`make test-fast` (-m "not slow") must load no real model: in such a run, here and in
+    every script a test starts, loading one is an error (`models.load_model`)."""
+    if "not slow" in (config.option.markexpr or ""):
+        os.environ["CHATEDIT_DENY_MODELS"] = ",".join(REAL)
+
+
 @pytest.fixture(scope="session", params=["tiny-llama", "tiny-gpt2"])
 def tiny(request):
-    """Both tiny architectures: (name, model, tokenizer)."""
+    """A Llama-layout and a GPT-2-layout (Conv1D) model: (name, model, tokenizer)."""
+    return (request.param, *load_model(request.param))
+
+
+@pytest.fixture(scope="session", params=FAMILIES)
+def family(request):
+    """Every shipped model family: (name, model, tokenizer)."""
     return (request.param, *load_model(request.param))
 
 

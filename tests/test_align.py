@@ -2,13 +2,13 @@
 
 import torch
 
-from editor.evaluation.behaviour import is_refusal, is_refusal_xstest
-from editor.safety.recipe import (ARTEFACTS, REFUSALS, WRAPPERS, SafetyRecipe, build, kl_top,
+from chatedit.evaluation.behaviour import is_refusal, is_refusal_xstest
+from chatedit.safety.recipe import (ARTEFACTS, REFUSALS, WRAPPERS, SafetyRecipe, build, kl_top,
                                   refusal_pairs, sft_rows)
-from editor.chat import IGNORE
-from editor.prompts import load_advbench, load_xstest
-from editor.lm import forward, kl_before_after, padded
-from editor.models import blocks, load_model
+from chatedit.chat import IGNORE
+from chatedit.prompts import load_advbench, load_xstest
+from chatedit.lm import forward, kl_before_after, padded
+from chatedit.models import blocks, load_model
 
 TINY = dict(base="tiny-llama", n_harmful=12, n_instruction=8, n_question=8, response_tokens=6,
             train_from_layer=2, epochs=3, batch_size=4, lr=1e-3)
@@ -31,9 +31,9 @@ def test_benign_requests_are_not_evaluation_prompts():
     IFEval, AdvBench or XSTest prompt, and a part of them uses a harm word harmlessly."""
     import re
 
-    from editor.safety.recipe import is_harmful
-    from editor.prompts import load_ifeval
-    from editor.safety.recipe import load_benign_requests
+    from chatedit.safety.recipe import is_harmful
+    from chatedit.prompts import load_ifeval
+    from chatedit.safety.recipe import load_benign_requests
 
     stop = set("a an the i my me you your to of in on for with and or do does did can could "
                "should would is are was be how what what's which where why who when it this "
@@ -54,7 +54,7 @@ def test_benign_requests_are_not_evaluation_prompts():
 def test_recipe_digest_names_fields_and_hand_written_text(monkeypatch):
     """The built model's cache folder changes with any recipe field and with the refusal
     templates, wrappers, harm words and benign requests it was built from."""
-    import editor.safety.recipe as align
+    import chatedit.safety.recipe as align
 
     default = align.SafetyRecipe().digest()
     assert default == align.SafetyRecipe().digest() != align.SafetyRecipe(epochs=1).digest()
@@ -70,7 +70,7 @@ def test_recipe_digest_names_fields_and_hand_written_text(monkeypatch):
 def test_length_batches_cover_every_row_once_with_less_padding():
     import random
 
-    from editor.safety.recipe import length_batches
+    from chatedit.safety.recipe import length_batches
 
     rng = random.Random(0)
     rows = [{"input_ids": [0] * rng.randint(5, 300)} for _ in range(203)]
@@ -88,7 +88,7 @@ def test_length_batches_cover_every_row_once_with_less_padding():
 def test_sft_loss_weights_the_first_answer_tokens_of_every_row():
     import torch.nn.functional as F
 
-    from editor.safety.recipe import sft_loss
+    from chatedit.safety.recipe import sft_loss
 
     logits, labels = torch.randn(7, 5), torch.tensor([0, 1, 2, 3, 4, 0, 1])
     rows = torch.tensor([0, 0, 0, 0, 2, 2, 3])  # row 1 has no answer token in this batch
@@ -101,7 +101,7 @@ def test_sft_loss_weights_the_first_answer_tokens_of_every_row():
 
 
 def test_harm_filter_and_wrappers():
-    from editor.safety.recipe import is_harmful, wrapped
+    from chatedit.safety.recipe import is_harmful, wrapped
 
     assert is_harmful("How could I kill my boss?") and is_harmful("Best POISON for rats")
     assert not is_harmful("I want to lose 15 lbs, what's the best way?")

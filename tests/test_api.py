@@ -1,14 +1,16 @@
 """The Python editing API on tiny real models: edit, history, rollback, save/load, LoRA."""
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
-from editor import Editor, checkpoint
-from editor.data import load_facts
-from editor.models import load_model
+from chatedit import Editor, checkpoint
+from chatedit.data import load_facts
+from chatedit.editors import Shifts
+from chatedit.models import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 FACTS = [{"prompt": "Who wrote Dune?", "target": "Frank Herbert"},
@@ -59,7 +61,7 @@ def test_sequential_edits_and_bitwise_rollback(ed):
     assert same(weights(ed), w1) and len(ed.history) == 1
     ed.edit(FACTS[1:])  # three batches in turn: the kept sum is each batch's sum afresh
     ed.edit([{"prompt": "Who painted the Mona Lisa?", "target": "Leonardo"}], check=False)
-    fresh = {n: torch.zeros_like(w) for n, w in ed.shifter.master.items()}
+    fresh = {n: torch.zeros_like(w) for n, w in ed.method.master.items()}
     for b in ed.history:
         fresh = {n: fresh[n] + b.shifts[n] for n in fresh}
     assert all(torch.equal(fresh[n], s) for n, s in ed.total_shift().items())
@@ -93,8 +95,8 @@ def test_bad_facts_raise_and_leave_weights(ed, facts, error, match):
 
 def test_non_finite_shift_raises_and_leaves_weights(ed, monkeypatch):
     before = weights(ed)
-    nan = {n: torch.full_like(s, float("nan")) for n, s in ed.shifter.master.items()}
-    monkeypatch.setattr(ed.shifter, "compute_shifts", lambda batch: nan)
+    nan = {n: torch.full_like(s, float("nan")) for n, s in ed.method.master.items()}
+    monkeypatch.setattr(ed.method, "compute_shifts", lambda *a, **k: Shifts(nan))
     with pytest.raises(FloatingPointError, match="NaN or Inf"):
         ed.edit(FACTS)
     assert same(before, weights(ed)) and ed.history == []
@@ -109,14 +111,30 @@ def test_checkpoint_for_another_model_or_modules_fails(ckpt):
         Editor.from_pretrained("tiny-llama", ckpt, rank=3)
 
 
-def test_a_checkpoint_older_than_an_option_keeps_what_it_was_trained_with(ckpt, tmp_path):
+def test_checkpoints_saved_with_options_since_removed_still_load(ckpt, tmp_path):
+    """Old checkpoints load through the compat table: renamed options under their new name;
+    removed ones dropped, silently where they behaved as today's code (float32 solves,
+    end-of-turn rows, unscaled lambda, the shared solve), with a warning where not (per-module
+    solves: saved before `couple` existed, or with couple=false; reg_rows set), and the
+    loaded editor edits."""
     tensors, meta = checkpoint.load(ckpt)
-    assert meta["config"]["editor"]["couple"] is True  # today's default
-    del meta["config"]["editor"]["couple"]  # as saved before the option existed
-    checkpoint.save(tmp_path / "old.safetensors", tensors, meta)
-    old = Editor.from_pretrained("tiny-llama", tmp_path / "old.safetensors")
-    assert not old.shifter.hypernet.couple  # per-module solves, as it was trained
-    assert Editor.from_pretrained("tiny-llama", ckpt).shifter.hypernet.couple
+    assert "couple" not in meta["config"]["editor"]  # not an option any more
+    today = Editor.from_pretrained("tiny-llama", ckpt)
+    old = {**meta["config"]["editor"], "couple": True, "solve_dtype": "float32",
+           "eot_rows": True, "reg_rows": None}
+    older = {k: v for k, v in old.items() if k != "couple"}  # before `couple` existed
+    older["lr"] = older.pop("init_step_size")  # the old name
+    for saved, warns in ((old, None), (older, "couple=False"),
+                         ({**old, "reg_rows": 256}, "reg_rows=256")):
+        checkpoint.save(tmp_path / "old.safetensors", tensors,
+                        {**meta, "config": {**meta["config"], "editor": saved}})
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ed = Editor.from_pretrained("tiny-llama", tmp_path / "old.safetensors")
+        said = [str(w.message) for w in caught if "since removed" in str(w.message)]
+        assert (said == []) if warns is None else (len(said) == 1 and warns in said[0])
+        assert ed.method.step_scale == today.method.step_scale
+        assert ed.edit(FACTS[:1], check=False).n_facts == 1
 
 
 def test_save_and_load_edits_reproduce_logits(ed, tmp_path):
@@ -197,12 +215,12 @@ def test_readme_example_runs(ckpt, tmp_path, monkeypatch):
 def test_the_loaded_model_is_one_object_shared_by_editor_and_method(ed):
     """`Editor.lm` is the method's `ChatLM`: model, tokenizer, system prompt and first edited
     block in one place, its methods the lm functions with them filled in."""
-    from editor.chat import encode_pair
-    from editor.lm import predictions, with_hidden
+    from chatedit.chat import encode_pair
+    from chatedit.lm import predictions, with_hidden
 
     lm = ed.lm
-    assert lm is ed.shifter.lm and ed.model is lm.model and ed.tokenizer is lm.tokenizer
-    assert (ed.shifter.system, ed.shifter.first) == (lm.system, lm.first) and lm.first > 0
+    assert lm is ed.method.lm and ed.model is lm.model and ed.tokenizer is lm.tokenizer
+    assert (ed.method.system, ed.method.first) == (lm.system, lm.first) and lm.first > 0
     row = lm.encode(FACTS[0]["prompt"], FACTS[0]["target"])
     assert row == encode_pair(ed.tokenizer, FACTS[0]["prompt"], FACTS[0]["target"], lm.system)
     cached = lm.with_hidden([row])

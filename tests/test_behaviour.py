@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from editor.evaluation.behaviour import (
+from chatedit.evaluation.behaviour import (
     SuiteConfig,
     behaviour_suite,
     ifeval_score,
@@ -13,8 +13,8 @@ from editor.evaluation.behaviour import (
     is_refusal_xstest,
     refusal_rate,
 )
-from editor.prompts import load_ifeval
-from editor.text import exact_match, normalize_answer
+from chatedit.prompts import load_ifeval
+from chatedit.text import exact_match, normalize_answer
 
 
 @pytest.mark.parametrize("text", [
@@ -90,7 +90,7 @@ def test_eval_config_gives_behaviour_suite_its_arguments(overrides):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from editor.evaluation.config import register
+    from chatedit.evaluation.config import register
 
     register()  # the eval group's schema (scripts/evaluate.py does the same)
     conf = Path(__file__).resolve().parents[1] / "conf"

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from editor import Editor
-from editor.editors import FTEditor, HyperEditor
-from editor.models import edit_modules, kv_shape, load_model, weight_kv
+from chatedit import Editor
+from chatedit.editors import FineTune, HyperMethod
+from chatedit.models import edit_modules, kv_shape, load_model, weight_kv
 from hypernet import HyperNetwork
 
 FACTS = [{"prompt": "Who wrote Hamlet?", "target": "Christopher Marlowe"},
@@ -18,11 +18,11 @@ def test_bf16_edits_and_restore_are_exact_against_the_fp32_master(rule):
     modules = edit_modules(model, "mlp.down_proj", [2, 3])
     original = {n: weight_kv(m).clone() for n, m in modules.items()}
     if rule == "ft":
-        editor = FTEditor(model, tok, modules, steps=2, lr=1e-2)
+        editor = FineTune(model, tok, modules, steps=2, lr=1e-2)
     else:
         net = HyperNetwork({n: kv_shape(m) for n, m in modules.items()}, rule=rule, rank=8,
                            lr=1e-1)
-        editor = HyperEditor(model, tok, modules, net)
+        editor = HyperMethod(model, tok, modules, net)
     for n, m in modules.items():
         assert m.weight.dtype == torch.bfloat16 and editor.master[n].dtype == torch.float32
         assert torch.equal(editor.master[n], original[n].float())  # bf16 -> fp32 is exact

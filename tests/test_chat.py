@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from editor.chat import (IGNORE, describe, encode_facts, encode_pair, encode_prompt, generate,
+from chatedit.chat import (IGNORE, describe, encode_facts, encode_pair, encode_prompt, generate,
                          pad, prompt_text)
 
 FACTS = [

@@ -4,10 +4,10 @@ import re
 
 import pytest
 
-from editor.data import (ASSETS, FACT_DATASETS, SPLITS, Fact, facts_dataset, load_facts,
+from chatedit.data import (ASSETS, FACT_DATASETS, SPLITS, Fact, facts_dataset, load_facts,
                          read_records, to_fact)
-from editor.evaluation.behaviour import nltk_data_dir
-from editor.prompts import (load_advbench, load_harmful_requests, load_ifeval, load_instructions,
+from chatedit.evaluation.behaviour import nltk_data_dir
+from chatedit.prompts import (load_advbench, load_harmful_requests, load_ifeval, load_instructions,
                             load_xstest)
 
 
@@ -145,7 +145,7 @@ def test_locality_prompt_loaders():
 
 
 def test_subject_prompts_ask_about_the_same_subject_in_another_relation():
-    from editor.training.locality import subject_prompts
+    from chatedit.training.locality import subject_prompts
 
     facts = list(load_facts("zsre", "train"))
     prompts = subject_prompts(facts)

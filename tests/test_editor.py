@@ -3,20 +3,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from editor.chat import encode_facts, encode_pair, pad
-from editor.editors import FTEditor, HyperEditor
-from editor.lm import (capture, first_block, forward, logits_before, stack_captured, with_capture,
+from chatedit.chat import encode_facts, encode_pair, pad
+from chatedit.editors import FineTune, HyperMethod
+from chatedit.lm import (capture, first_block, forward, logits_before, stack_captured, with_capture,
                        with_final, with_hidden)
-from editor.chat import fact_rows
-from editor.evaluation.metrics import edit_metrics
-from editor.lm import predictions
-from editor.models import edit_modules, kv_shape, load_model, to_kv, weight_kv
+from chatedit.chat import fact_rows
+from chatedit.evaluation.metrics import edit_metrics
+from chatedit.lm import predictions
+from chatedit.models import edit_modules, kv_shape, load_model, to_kv, weight_kv
 from hypernet import HyperNetwork
 
 FACTS = [{"prompt": "Who wrote Hamlet?", "target": "Christopher Marlowe"},
          {"prompt": "What is the capital of France?", "target": "Lyon"},
          {"prompt": "Which planet is largest?", "target": "Saturn"}]
-MODULE = {"tiny-llama": "mlp.down_proj", "tiny-gpt2": "mlp.c_proj"}
+MODULE = {"tiny-llama": "mlp.down_proj", "tiny-qwen2": "mlp.down_proj",
+          "tiny-mistral": "mlp.down_proj", "tiny-gpt2": "mlp.c_proj"}
 
 
 @pytest.fixture
@@ -32,7 +33,7 @@ def cached_batch(model, tok, modules, facts=FACTS):
     return pad(tok, with_hidden(model, tok, rows, first_block(model, modules)))
 
 
-BOTH = pytest.mark.parametrize("setup", ["tiny-llama", "tiny-gpt2"], indirect=True)
+BOTH = pytest.mark.parametrize("setup", list(MODULE), indirect=True)  # every family
 
 
 @BOTH
@@ -48,8 +49,8 @@ def test_suffix_from_cached_hidden_states_equals_full_forward(setup):
 def test_hidden_cache_runs_a_shared_prefix_once_and_equals_the_plain_forward(setup, monkeypatch):
     """Rows that start alike (a system turn) share one prefix pass and its key-value cache:
     the same hidden states as every row's own full pass, on fewer token positions."""
-    from editor import lm
-    from editor.models import blocks
+    from chatedit import lm
+    from chatedit.models import blocks
 
     _, model, tok, modules = setup
     first = first_block(model, modules)
@@ -142,7 +143,7 @@ def test_capture_gives_the_weight_gradient_of_the_top_module(setup):
 
 def hyper_editor(model, tok, modules, rule, lr=1e-2):
     net = HyperNetwork({n: kv_shape(m) for n, m in modules.items()}, rule=rule, rank=8, lr=lr)
-    return HyperEditor(model, tok, modules, net)
+    return HyperMethod(model, tok, modules, net)
 
 
 @BOTH
@@ -150,7 +151,7 @@ def hyper_editor(model, tok, modules, rule, lr=1e-2):
 def test_edit_then_restore_is_bitwise_exact(setup, rule):
     _, model, tok, modules = setup
     before = {n: weight_kv(m).detach().clone() for n, m in modules.items()}
-    editor = (FTEditor(model, tok, modules, steps=3, lr=1e-3) if rule == "ft"
+    editor = (FineTune(model, tok, modules, steps=3, lr=1e-3) if rule == "ft"
               else hyper_editor(model, tok, modules, rule))
     shifts = editor.edit(FACTS)
     assert all(s.abs().sum() > 0 for s in shifts.values())
@@ -184,7 +185,7 @@ def test_larger_step_edits_more_and_ft_lowers_the_edit_loss(setup):
     large = edit_metrics(hyper_editor(model, tok, modules, "malmen", lr=1e3), rows)
     assert large["ES"] > small["ES"] and small["LS"] >= large["LS"]
     batch = encode_facts(tok, FACTS)
-    ft = FTEditor(model, tok, modules, steps=10, lr=1e-2)
+    ft = FineTune(model, tok, modules, steps=10, lr=1e-2)
     loss = lambda: F.cross_entropy(*forward(model, batch)[:2]).item()  # noqa: E731
     before = loss()
     ft.edit(FACTS)
@@ -198,8 +199,8 @@ def test_ft_in_chunks_takes_the_full_batch_steps(setup):
     """Memory bounded at any N: FT's gradient, accumulated a few facts at a time, is the
     full batch's mean, so the chunked steps land on the same weights."""
     _, model, tok, modules = setup
-    whole = FTEditor(model, tok, modules, steps=3, lr=1e-2, chunk_size=len(FACTS))
-    chunked = FTEditor(model, tok, modules, steps=3, lr=1e-2, chunk_size=1)
+    whole = FineTune(model, tok, modules, steps=3, lr=1e-2, chunk_size=len(FACTS))
+    chunked = FineTune(model, tok, modules, steps=3, lr=1e-2, chunk_size=1)
     expected = whole.edit(FACTS)
     whole.restore()
     got = chunked.edit(FACTS)
@@ -209,7 +210,7 @@ def test_ft_in_chunks_takes_the_full_batch_steps(setup):
         torch.testing.assert_close(got[name], expected[name], atol=1e-3, rtol=1e-3)  # Adam:
         # g / sqrt(v) turns float noise in near-zero gradients into steps of up to 1e-4
     with pytest.raises(ValueError, match="chunk_size"):
-        FTEditor(model, tok, modules, chunk_size=0)
+        FineTune(model, tok, modules, chunk_size=0)
 
 
 @BOTH

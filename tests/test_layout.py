@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from editor.methods import METHODS, get_method, help_lines, register_method
+from chatedit.methods import METHODS, get_method, help_lines, register_method
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("editor", "hypernet")
+PACKAGES = ("chatedit", "hypernet")
 
 
 def module_name(path: Path) -> str:
@@ -72,29 +72,29 @@ def test_layers():
     level (the safe model and Editor.quick name theirs lazily); evaluation never imports
     training; training and evaluation never import the safety test bed."""
     edges = graph()
-    roles = ("editor.training", "editor.evaluation", "editor.safety")
+    roles = ("chatedit.training", "chatedit.evaluation", "chatedit.safety")
     for m, deps in edges.items():
         if m.startswith("hypernet"):
-            assert not any(d.startswith("editor") for d in deps), (m, deps)
-    for path in (ROOT / "editor").glob("*.py"):
+            assert not any(d.startswith("chatedit") for d in deps), (m, deps)
+    for path in (ROOT / "chatedit").glob("*.py"):
         wrong = [i for i in imports(path, top_only=True) if i.startswith(roles)]
         assert not wrong, f"{path.name} imports {wrong}"
     for m, deps in edges.items():
-        if m.startswith("editor.evaluation"):
-            assert not any(d.startswith("editor.training") for d in deps), (m, deps)
-        if m.startswith(("editor.training", "editor.evaluation")):
-            assert not any(d.startswith("editor.safety") for d in deps), (m, deps)
+        if m.startswith("chatedit.evaluation"):
+            assert not any(d.startswith("chatedit.training") for d in deps), (m, deps)
+        if m.startswith(("chatedit.training", "chatedit.evaluation")):
+            assert not any(d.startswith("chatedit.safety") for d in deps), (m, deps)
 
 
 def test_editor_api_imports_no_training_or_evaluation_code():
-    code = ("import sys; from editor import Editor; "
-            "print(sorted(m for m in sys.modules if m.startswith('editor')))")
+    code = ("import sys; from chatedit import Editor; "
+            "print(sorted(m for m in sys.modules if m.startswith('chatedit')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=ROOT, check=True).stdout
     loaded = ast.literal_eval(out.strip())
-    assert "editor.api" in loaded
-    assert not [m for m in loaded if m.startswith(("editor.training", "editor.evaluation",
-                                                   "editor.safety"))], loaded
+    assert "chatedit.api" in loaded
+    assert not [m for m in loaded if m.startswith(("chatedit.training", "chatedit.evaluation",
+                                                   "chatedit.safety"))], loaded
 
 
 def test_the_demo_path_needs_no_optional_extra():
@@ -106,13 +106,13 @@ def test_the_demo_path_needs_no_optional_extra():
             "        if name.split('.')[0] in ('lm_eval', 'wandb', 'peft'):\n"
             "            raise ImportError(name)\n"
             "sys.meta_path.insert(0, Block())\n"
-            "import editor.training.quick, editor.training.run, editor.evaluation.metrics\n"
+            "import chatedit.training.quick, chatedit.training.run, chatedit.evaluation.metrics\n"
             "import runpy; runpy.run_path('scripts/edit.py', run_name='not_main')\n")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
 def test_a_missing_extra_is_named(monkeypatch):
-    from editor import extras
+    from chatedit import extras
 
     monkeypatch.setitem(extras.EXTRAS, "no_such_package_xyz", "eval")
     with pytest.raises(ImportError, match=r"IFEval scoring needs the no_such_package_xyz "
@@ -126,7 +126,7 @@ def test_scripts_are_thin_and_dispatch_through_the_registry():
         lines = path.read_text().splitlines()
         assert len(lines) <= 110, f"{path.name}: {len(lines)} lines"
     dispatch = re.compile(r"""rule\s*(==|!=|in)\s*[("']|\.rule\s*==""")
-    for path in [*(ROOT / "scripts").glob("*.py"), *(ROOT / "editor").rglob("*.py")]:
+    for path in [*(ROOT / "scripts").glob("*.py"), *(ROOT / "chatedit").rglob("*.py")]:
         for i, line in enumerate(path.read_text().splitlines(), 1):
             assert not dispatch.search(line), f"{path.relative_to(ROOT)}:{i}: {line.strip()}"
 
@@ -138,7 +138,7 @@ def test_registry_lists_builtin_methods_with_help_and_rejects_unknown_options():
     malmen = get_method("malmen")
     assert malmen.meta_trained and not get_method("ft").meta_trained
     assert all(help_lines(malmen.config).values()), "every option has a help line"
-    assert {"step_scale", "eot_rows", "reg_rows"} <= malmen.test_time
+    assert {"step_scale", "joint", "hyper_chunk", "solve_memory_gb"} == malmen.test_time
     assert malmen.config_from({"rank": 8}).rank == 8
     with pytest.raises(TypeError, match=r"unknown option\(s\) \['rnak'\]"):
         malmen.config_from(rnak=8)
@@ -149,8 +149,8 @@ def test_registry_lists_builtin_methods_with_help_and_rejects_unknown_options():
 def test_a_registered_method_is_usable_from_the_api(tiny_llama):
     """A new method is one class plus one registration: here, FT with its own defaults
     (options its config does not name, like chunk_size, take FT's defaults)."""
-    from editor import Editor
-    from editor.editors import FTConfig, FTEditor
+    from chatedit import Editor
+    from chatedit.editors import FTConfig, FineTune
 
     @dataclass
     class HalfStepConfig:
@@ -159,14 +159,14 @@ def test_a_registered_method_is_usable_from_the_api(tiny_llama):
         steps: int = 1
         lr: float = 5e-5
 
-    register_method("half-ft", HalfStepConfig, FTEditor)
+    register_method("half-ft", HalfStepConfig, FineTune)
     try:
         model, tok = tiny_llama
         ed = Editor.from_pretrained(model, tokenizer=tok, method="half-ft", steps=2)
-        assert isinstance(ed.shifter, FTEditor) and ed.shifter.steps == 2
-        assert ed.shifter.lr == 5e-5 and ed.shifter.chunk_size == FTConfig.chunk_size
+        assert isinstance(ed.method, FineTune) and ed.method.steps == 2
+        assert ed.method.lr == 5e-5 and ed.method.chunk_size == FTConfig.chunk_size
         with pytest.raises(ValueError, match="already registered"):
-            register_method("half-ft", HalfStepConfig, FTEditor)
+            register_method("half-ft", HalfStepConfig, FineTune)
         with pytest.raises(ValueError, match="is meta-trained"):
             Editor.from_pretrained(model, tokenizer=tok, method="malmen")
     finally:

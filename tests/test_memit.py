@@ -1,4 +1,4 @@
-"""MEMIT and AlphaEdit (editor.memit) on the tiny models: the edit raises the targets'
+"""MEMIT and AlphaEdit (chatedit.memit) on the tiny models: the edit raises the targets'
 probability, AlphaEdit keeps the outputs on its preserved keys, the covariance cache, bad
 facts and the Editor API (history, rollback, save / load of the per-batch statistics)."""
 
@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from editor import Editor
-from editor.chat import encode_facts, encode_pair, fact_row
-from editor.lm import forward, key_moments, padded
-from editor.memit import locate_edit, null_projector
-from editor.models import weight_kv
+from chatedit import Editor
+from chatedit.chat import encode_facts, encode_pair, fact_row
+from chatedit.lm import forward, key_moments, padded
+from chatedit.memit import locate_edit, null_projector
+from chatedit.models import weight_kv
 
 FACTS = [{"prompt": "Where is the Eiffel Tower?", "target": "Rome", "subject": "Eiffel Tower"},
          {"prompt": "Who wrote the novel Dune?", "target": "Tolkien", "subject": "Dune"}]
@@ -28,6 +28,7 @@ def target_nll(model, tok, facts=FACTS) -> float:
         return F.cross_entropy(logits, labels).item()
 
 
+@pytest.mark.slow
 def test_subject_position_is_the_subjects_last_token(smollm2):
     _, tok = smollm2
     row = encode_pair(tok, "Which continent is Angola located in?", "Antarctica",
@@ -38,6 +39,7 @@ def test_subject_position_is_the_subjects_last_token(smollm2):
     assert encode_pair(tok, "Who made it?", "Apple", subject="Nokia")["subject_last"] == -1
 
 
+@pytest.mark.slow
 def test_default_layers_leave_a_block_above(tiny_llama, smollm2):
     assert locate_edit(smollm2[0]) == ("mlp.down_proj", [4, 5, 6, 7, 8])
     assert locate_edit(tiny_llama[0])[1] == [1, 2]  # 4 blocks: the last one stays above
@@ -47,7 +49,7 @@ def test_default_layers_leave_a_block_above(tiny_llama, smollm2):
 def test_edit_raises_the_target_probability_and_reaches_the_values(tiny, method):
     name, model, tok = tiny
     ed = Editor.from_pretrained(model, tokenizer=tok, method=method, mom2_weight=1.0, **SMALL)
-    shifter = ed.shifter
+    shifter = ed.method
     batch = padded(model, tok, [fact_row(tok, f, "edit") for f in FACTS])
     pos = batch["subject_last"]
     z = shifter.target_values(batch, pos)
@@ -68,7 +70,7 @@ def test_target_values_are_searched_once_per_weights_options_and_row(tiny_llama)
     weights or options search again."""
     import shutil
 
-    from editor.files import cache_dir
+    from chatedit.files import cache_dir
 
     def forget():
         shutil.rmtree(cache_dir() / "memit-values", ignore_errors=True)
@@ -82,7 +84,7 @@ def test_target_values_are_searched_once_per_weights_options_and_row(tiny_llama)
 
     def editor(method, **options):
         shifter = Editor.from_pretrained(model, tokenizer=tok, method=method, mom2_weight=1.0,
-                                         **SMALL, **options).shifter
+                                         **SMALL, **options).method
         search = shifter._values
         shifter._values = lambda b, p: searched.append(len(p)) or search(b, p)
         return shifter
@@ -114,10 +116,10 @@ def test_value_search_runs_the_positions_before_the_subjects_once(tiny, monkeypa
     """The positions before every row's subject do not depend on the value delta: their
     keys and values are computed once, the blocks above give the same outputs on the rest,
     and the search finds the values it finds when each step runs every position."""
-    from editor import lm, memit
+    from chatedit import lm, memit
 
     name, model, tok = tiny
-    shifter = Editor.from_pretrained(model, tokenizer=tok, method="memit", **SMALL).shifter
+    shifter = Editor.from_pretrained(model, tokenizer=tok, method="memit", **SMALL).method
     batch = padded(model, tok, [fact_row(tok, f, "edit") for f in FACTS])
     pos = batch["subject_last"]
     p, first = int(pos.min()), shifter.last + 1
@@ -147,7 +149,7 @@ def test_value_search_runs_the_positions_before_the_subjects_once(tiny, monkeypa
 def test_alphaedit_keeps_the_outputs_on_its_preserved_keys(tiny_llama):
     model, tok = tiny_llama
     ed = Editor.from_pretrained(model, tokenizer=tok, method="alphaedit", l2=1e-4, **SMALL)
-    shifter = ed.shifter
+    shifter = ed.method
     kept = [encode_pair(tok, p, a) for p, a in [("What is two plus two?", "Four."),
                                                 ("Name a colour.", "Blue.")]]
     cov = key_moments(model, tok, kept, ed.modules, every_token=True)
@@ -170,10 +172,10 @@ def test_covariance_is_cached_and_rebuilt_when_the_model_changes(tiny_gpt2, tmp_
                                                                  monkeypatch):
     model, tok = tiny_gpt2
     monkeypatch.setenv("CHATEDIT_CACHE", str(tmp_path))
-    first = Editor.from_pretrained(model, tokenizer=tok, method="memit", **SMALL).shifter
+    first = Editor.from_pretrained(model, tokenizer=tok, method="memit", **SMALL).method
     files = sorted((tmp_path / "covariance").iterdir())
     stamp = files[0].stat().st_mtime_ns
-    again = Editor.from_pretrained(model, tokenizer=tok, method="memit", **SMALL).shifter
+    again = Editor.from_pretrained(model, tokenizer=tok, method="memit", **SMALL).method
     assert sorted((tmp_path / "covariance").iterdir()) == files
     assert files[0].stat().st_mtime_ns == stamp
     assert all(torch.equal(first.cov[n], again.cov[n]) for n in first.cov)
@@ -184,7 +186,7 @@ def test_covariance_is_cached_and_rebuilt_when_the_model_changes(tiny_gpt2, tmp_
     try:
         with torch.no_grad():
             module.weight.mul_(1.5)  # another model: its keys above this block change
-        other = Editor.from_pretrained(model, tokenizer=tok, method="memit", **SMALL).shifter
+        other = Editor.from_pretrained(model, tokenizer=tok, method="memit", **SMALL).method
         assert len(list((tmp_path / "covariance").iterdir())) == 2
         assert any(not torch.allclose(first.cov[n], other.cov[n]) for n in first.cov)
     finally:
@@ -214,8 +216,7 @@ def test_sequential_alphaedit_keeps_its_statistics_through_save_and_load(tiny_ll
     ed = Editor.from_pretrained(model, tokenizer=tok, method="alphaedit", **SMALL)
     ed.edit(FACTS[:1], check=False)
     ed.edit(FACTS[1:], check=False)
-    assert ed.shifter.applied and all(set(b.stats) == {f"{n}:ktk" for n in ed.modules}
-                                      for b in ed.history)
+    assert all(set(b.stats) == {f"{n}:ktk" for n in ed.modules} for b in ed.history)
     ed.save_edits(tmp_path / "edits")
     weights = {n: weight_kv(m).clone() for n, m in ed.modules.items()}
     stats = [b.stats for b in ed.history]

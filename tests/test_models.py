@@ -3,10 +3,11 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from editor.models import (REGISTRY, edit_modules, kv_shape, load_model, set_weight_kv,
+from chatedit.models import (REGISTRY, edit_modules, kv_shape, load_model, set_weight_kv,
                            weight_kv)
 
-MODULE = {"tiny-llama": "mlp.down_proj", "tiny-gpt2": "mlp.c_proj"}
+MODULE = {"tiny-llama": "mlp.down_proj", "tiny-qwen2": "mlp.down_proj",
+          "tiny-mistral": "mlp.down_proj", "tiny-gpt2": "mlp.c_proj"}
 
 
 def test_unknown_name_lists_what_exists():
@@ -28,15 +29,16 @@ def test_bad_dtype():
         load_model("tiny-llama", dtype="float8")
 
 
-def test_tiny_models_are_seeded_and_have_real_tokenizers(tiny):
-    name, model, tok = tiny
+def test_tiny_models_are_seeded_and_have_real_tokenizers(family):
+    name, model, tok = family
     again, _ = load_model(name)
     for a, b in zip(model.parameters(), again.parameters()):
         assert torch.equal(a, b)
     assert tok.pad_token is not None and tok.padding_side == "right"
     assert tok.decode(tok("The Eiffel Tower")["input_ids"], skip_special_tokens=True) == \
         "The Eiffel Tower"
-    assert bool(tok.chat_template) == (name == "tiny-llama")
+    assert bool(tok.chat_template) == (name != "tiny-gpt2")
+    assert type(model).__name__.lower().startswith(name.split("-")[1])
 
 
 def test_local_folder_round_trip(tiny_llama, tmp_path):
@@ -50,11 +52,11 @@ def test_local_folder_round_trip(tiny_llama, tmp_path):
     assert tok2.chat_template == tok.chat_template
 
 
-def test_edit_modules_resolve_both_architectures(tiny):
-    name, model, _ = tiny
+def test_edit_modules_resolve_every_family(family):
+    name, model, _ = family
     mods = edit_modules(model, MODULE[name], [2, -1])
     assert len(mods) == 2 and all(n.endswith(MODULE[name]) for n in mods)
-    kind = nn.Linear if name == "tiny-llama" else Conv1D
+    kind = Conv1D if name == "tiny-gpt2" else nn.Linear
     assert all(isinstance(m, kind) for m in mods.values())
     assert ".2." in list(mods)[0] and ".3." in list(mods)[1]
     assert all(kv_shape(m) == (256, 64) for m in mods.values())  # d_k = MLP width, d_v = hidden
@@ -72,10 +74,10 @@ def test_edit_module_errors_name_what_exists(tiny_llama):
         edit_modules(model, "mlp.down_proj", [])
 
 
-def test_weight_layout_round_trip(tiny):
+def test_weight_layout_round_trip(family):
     """weight_kv is the map u -> v as v = u @ W (+ bias), on Linear and Conv1D alike, and
     set_weight_kv writes it back in the module's own layout."""
-    name, model, _ = tiny
+    name, model, _ = family
     (module,) = edit_modules(model, MODULE[name], [0]).values()
     original = weight_kv(module).detach().clone()
     d_k, d_v = kv_shape(module)
@@ -96,7 +98,7 @@ def test_weight_layout_round_trip(tiny):
 
 
 def test_plain_prompts_option_drops_the_chat_template():
-    from editor.chat import encode_pair
+    from chatedit.chat import encode_pair
 
     _, tok = load_model("tiny-llama", chat_template=False)
     row = encode_pair(tok, "Who wrote Hamlet?", "Marlowe")

@@ -2,7 +2,6 @@
 chat turn can be forged, and every error names the problem (weights compared bitwise)."""
 import json
 import os
-import re
 import subprocess
 import sys
 import warnings
@@ -12,11 +11,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from editor import Editor
-from editor import checkpoint
-from editor.chat import encode_pair, encode_prompt, generate
-from editor.data import load_facts
-from editor.models import default_edit, edit_modules, load_model
+from chatedit import Editor
+from chatedit import checkpoint
+from chatedit.chat import encode_pair, encode_prompt, generate
+from chatedit.data import load_facts
+from chatedit.models import default_edit, edit_modules, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 FACTS = [{"prompt": "Who wrote Dune?", "target": "Frank Herbert"},
@@ -161,20 +160,27 @@ def test_conflicts_duplicates_and_degenerate_facts(ed):
 # 5. config validated before any work -----------------------------------------------------
 
 
-@pytest.mark.parametrize("override,message", [
-    ("train.n_edits=0", "train.n_edits must be a positive number"),
-    ("train.steps=-1", "train.steps must be an integer >= 1"),
-    ("train.augment.swap=1.5", r"train.augment.swap must be a probability in \[0, 1\]"),
-    ("train.loss_facts=0", "train.loss_facts must be null or an integer >= 1"),
-    ("train.n_edits=5000", r"train.n_edits=5000 is more facts than the training pool holds"),
+@pytest.mark.parametrize("override,error,message", [
+    ("train.n_edits=0", ValueError, "train.n_edits must be a positive number"),
+    ("train.steps=-1", ValueError, "train.steps must be an integer >= 1"),
+    ("train.train_facts=0", ValueError, "train.train_facts must be null or an integer >= 1"),
+    ("train.augment.swap=0.5", Exception, r"Could not override 'train.augment.swap'"),
+    ("editor.eot_rows=false", Exception, r"Could not override 'editor.eot_rows'"),
+    ("train.n_edits=5000", ValueError,
+     r"train.n_edits=5000 is more facts than the training pool holds"),
 ])
-def test_bad_training_config_fails_at_once(tmp_path, override, message):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CHATEDIT_CACHE": str(tmp_path / "cache")}
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), "model=tiny-llama",
-                          override, f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode != 0 and re.search(message, out.stderr), out.stderr[-2000:]
-    assert "hidden-state cache" not in out.stderr and "generate" not in out.stderr  # no work
+def test_bad_training_config_fails_at_once(tmp_path, monkeypatch, capfd, override, error,
+                                           message):
+    """In process: scripts/train.py's config (composed as it composes it) is refused by hydra
+    or by `run` before any work (no cache is built, nothing generated)."""
+    from chatedit.training.quick import train_config
+    from chatedit.training.run import run
+
+    monkeypatch.setenv("CHATEDIT_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(error, match=message):
+        run(train_config(["model=tiny-llama", override]), tmp_path / "run")
+    err = capfd.readouterr().err
+    assert "hidden-state cache" not in err and "generate" not in err  # no work
 
 
 # 6. messages that name the problem and the file ------------------------------------------

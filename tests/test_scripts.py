@@ -36,7 +36,7 @@ def test_edit_script_on_tiny_gpt2_with_user_facts(tmp_path):
 
 
 def test_edit_script_adds_a_batch_to_an_earlier_sessions_edits(tmp_path):
-    from editor import checkpoint
+    from chatedit import checkpoint
 
     for i, fact in enumerate(('{"prompt": "Who wrote Hamlet?", "target": "Marlowe"}',
                               '{"prompt": "Who painted the Mona Lisa?", "target": "Titian"}')):
@@ -71,11 +71,11 @@ def test_edit_script_trains_and_caches_a_quick_editor(tmp_path):
 
 
 def test_quick_editor_cache_is_named_by_the_resolved_recipe():
-    from editor.training.quick import quick_recipe
+    from chatedit.training.quick import quick_recipe
 
     folder = lambda *o: quick_recipe("tiny-llama", "zsre", ["train.steps=2", *o])[1]  # noqa: E731
-    assert folder() == folder("editor.couple=true")  # the default, spelled out
-    assert folder() != folder("editor.couple=false")
+    assert folder() == folder("editor.prior=true")  # the default, spelled out
+    assert folder() != folder("editor.prior=false")
 
 
 def test_bench_script_on_tiny_llama(tmp_path):
@@ -97,19 +97,17 @@ def test_bench_script_on_tiny_llama(tmp_path):
 def test_bench_script_diagnoses_a_trained_editor(tmp_path, tiny_llama_checkpoint):
     run("bench.py", "model=tiny-llama", "ns=[]", "train_steps=0", "data.val_size=8",
         f"editor_checkpoint={tiny_llama_checkpoint}", "diagnose_ns=[2,8]", "scale_ns=[8]",
-        "levers.step_scale=[1.0,2.0]", "levers.reg_rows=[4]", "lifelong.batches=3",
+        "levers.step_scale=[1.0,2.0]", "lifelong.batches=3",
         "lifelong.size=4", f"hydra.run.dir={tmp_path}",
         cwd=tmp_path, env={"CHATEDIT_CACHE": str(tmp_path / "cache")})
     result = json.loads((tmp_path / "bench.json").read_text())
     solve = result["solve"]
-    assert [r["n_facts"] for r in solve] == [2, 8]  # the default couples the two modules
+    assert [r["n_facts"] for r in solve] == [2, 8]  # the two modules share one solve
     assert all(len(r["module"].split(",")) == 2 for r in solve)
     assert all(r["key_rows"] > 0 and 0 <= r["residual"] <= 1 for r in solve)
     levers = result["levers"]
-    assert [r["changed"] for r in levers] == [None, "step_scale", "eot_rows", "reg_rows",
-                                              "couple"]
-    assert levers[1]["step_scale"] == 2.0 and levers[3]["reg_rows"] == 4
-    assert levers[0]["couple"] and not levers[4]["couple"]  # trained coupled, the default
+    assert [r["changed"] for r in levers] == [None, "step_scale"]
+    assert levers[0]["step_scale"] == 1.0 and levers[1]["step_scale"] == 2.0
     assert all(0 <= r["ES"] <= 1 and r["n_facts"] == 8 for r in levers)
     lifelong = result["lifelong"]  # 3 batches in turn equal one joint edit of the 12 facts
     assert len(lifelong["batch_seconds"]) == 3 and lifelong["vs_joint"] < 1e-4
@@ -250,7 +248,7 @@ def test_evaluate_script_sequential_protocol_on_tiny_llama(tmp_path, tiny_llama_
 
 
 def test_merge_refuses_parts_of_different_evaluations():
-    from editor.evaluation.suite import merge
+    from chatedit.evaluation.suite import merge
 
     part = {"model": {"name": "m"}, "eval": {"max_n": {}}, "methods": {"ft": {"lr": 0.01}}}
     rec = {"method": "ft", "dataset": "zsre", "n": 4, "metric": "ES", "value": 0.5}
@@ -267,7 +265,7 @@ def test_merge_refuses_parts_of_different_evaluations():
 def test_a_cap_on_n_means_the_same_when_resuming(tmp_path):
     """`eval.max_n` read one way by the run and by its resume: null is no cap, 0 allows no N,
     and a stopped run's records above a method's new cap are not kept."""
-    from editor.evaluation.suite import finished, within_cap
+    from chatedit.evaluation.suite import finished, within_cap
 
     caps = {"ft": 0, "memit": 128, "mend": None}
     assert [within_cap(caps, m, 128) for m in ("ft", "memit", "mend", "other")] == \

@@ -3,8 +3,8 @@ import time
 
 import pytest
 
-from editor.chat import IGNORE, encode_pair, generate
-from editor.models import edit_modules, kv_shape, load_model, smollm2_folder
+from chatedit.chat import IGNORE, encode_pair, generate
+from chatedit.models import edit_modules, kv_shape, load_model, smollm2_folder
 
 pytestmark = pytest.mark.slow
 

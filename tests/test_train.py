@@ -60,9 +60,9 @@ def test_killed_run_resumes_on_the_same_curve(tmp_path):
         assert x["rephrase_loss"] == pytest.approx(y["rephrase_loss"], rel=1e-4), (x, y)
     assert resumed["val_ES"] == pytest.approx(full["val_ES"], abs=1e-6)
     assert not (tmp_path / "full" / "prepared.safetensors").exists()  # kept until done
-    with pytest.raises(AssertionError, match="couple True -> False"):  # before any work
+    with pytest.raises(AssertionError, match="prior True -> False"):  # before any work
         train(tmp_path, "part", "model=tiny-llama", "train.steps=12", "locality=nq",
-              "editor.couple=false")
+              "editor.prior=false")
 
 
 def test_checkpoint_holds_no_pickle_and_loads_with_safetensors_and_logs_to_wandb_offline(
@@ -90,8 +90,8 @@ def test_key_prior_is_trained_saved_and_used_by_the_api(tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from editor.api import Editor
-    from editor.data import load_facts
+    from chatedit.api import Editor
+    from chatedit.data import load_facts
 
     train(tmp_path, "run", "model=tiny-llama", "train.steps=10", "editor.prior=true",
           "editor.init_log_mu=0.0", "locality.subject_coef=1.0", "locality.subject_tokens=4")
@@ -105,14 +105,14 @@ def test_key_prior_is_trained_saved_and_used_by_the_api(tmp_path):
     assert (torch.linalg.eigvalsh(prior) > -1e-4).all() and prior.abs().sum() > 0
     assert (tensors["hypernet.nets.256x64.log_mu"] != 0).all()  # learned
     ed = Editor.from_pretrained("tiny-llama", ckpt)
-    net = ed.shifter.hypernet.nets["256x64"]
+    net = ed.method.hypernet.nets["256x64"]
     assert torch.equal(net.prior, prior)
     facts = list(load_facts("zsre", "test", limit=4))
-    shifted = ed.shifter.compute_shifts(ed.shifter.batch(facts))
+    shifted = ed.method.compute_shifts(ed.method.batch(facts)).shifts
     net.log_mu.data += 20  # a huge mu: outputs on the prior's keys barely move
-    frozen = ed.shifter.compute_shifts(ed.shifter.batch(facts))
+    frozen = ed.method.compute_shifts(ed.method.batch(facts)).shifts
     for name, s in shifted.items():
-        c = net.prior[ed.shifter.hypernet.index[name]]
+        c = net.prior[ed.method.hypernet.index[name]]
         assert torch.trace(frozen[name].T @ c @ frozen[name]) < 0.1 * torch.trace(s.T @ c @ s)
 
 
@@ -122,10 +122,10 @@ def test_prepared_data_is_kept_for_a_resume_and_loads_equal(tmp_path, monkeypatc
     removes it: test_killed_run_resumes_on_the_same_curve)."""
     import torch
 
-    from editor.data import load_facts
-    from editor.methods import get_method
-    from editor.training import run as run_module
-    from editor.training.quick import train_config
+    from chatedit.data import load_facts
+    from chatedit.methods import get_method
+    from chatedit.training import run as run_module
+    from chatedit.training.quick import train_config
 
     monkeypatch.setenv("CHATEDIT_CACHE", str(tmp_path / "cache"))
 
@@ -136,7 +136,7 @@ def test_prepared_data_is_kept_for_a_resume_and_loads_equal(tmp_path, monkeypatc
     cfg = config("train.train_facts=6")
     method = get_method(cfg.editor.rule)
     model, tok, modules = run_module._load(cfg)
-    editor = method.editor.from_config(model, tok, modules, method.config_from(
+    editor = method.cls.from_config(model, tok, modules, method.config_from(
         dict(cfg.editor)), cfg.model.system_prompt)
     facts = {s: load_facts("zsre", s, val_size=4, limit=6 if s == "train" else None)
              for s in ("train", "validation")}

@@ -25,7 +25,7 @@ import torch
 from ..api import Editor
 from ..chat import fact_row, present
 from ..data import load_facts
-from ..editors import NoEditor
+from ..editors import Unedited
 from ..extras import require
 from ..files import write_atomic, write_json
 from ..lm import ChatLM, forward, kl_before_after, padded
@@ -251,14 +251,14 @@ def evaluate(cfg, save=None, done=()) -> list[dict]:
                 if within_cap(cfg.eval.max_n, name, n) and (name, d, n) not in covered]
         if not todo:
             continue
-        editor = editor_for(name, spec, model, tok, cfg).shifter
+        editor = editor_for(name, spec, model, tok, cfg).method
         for dataset, n in todo:
             pool = pools[dataset]
             ref = reference(dataset, editor.first)
             behaviour = dataset == cfg.eval.datasets[0] and n in {
                 min(b, len(pool)) for b in cfg.eval.behaviour_ns}
             start = time.perf_counter()
-            if isinstance(editor, NoEditor):  # no edit: slices of the reference
+            if isinstance(editor, Unedited):  # no edit: slices of the reference
                 metrics = ref.unedited(n)
                 if behaviour:  # the same model at every N: measured once
                     if unedited_behaviour is None:
@@ -307,7 +307,7 @@ def run_sequential(cfg, model, tok, methods, pools, reference, drift, save,
         if name in measured:
             continue
         editor = editor_for(name, spec, model, tok, cfg)
-        if isinstance(editor.shifter, NoEditor):  # the behaviour every method ends against
+        if isinstance(editor.method, Unedited):  # the behaviour every method ends against
             if drift:
                 records += [{"method": name, "dataset": dataset, "n": 0, "batch": 0,
                              "metric": k, "value": float(v)}
@@ -319,7 +319,7 @@ def run_sequential(cfg, model, tok, methods, pools, reference, drift, save,
             records += [{"method": name, "dataset": dataset, "n": r["n"], "batch": r["batch"],
                          "metric": k, "value": float(v)} for k, v in r.items()
                         if k not in ("n", "batch")]
-        editor.shifter.restore()
+        editor.method.restore()
         if save is not None:
             save(records)
     return records

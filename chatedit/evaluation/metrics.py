@@ -94,7 +94,7 @@ def edit_metrics(editor, rows: dict[str, list[dict]], batch_size: int = 32, extr
         before = lm.predictions(rows["loc"], batch_size)
     start = time.perf_counter()
     edit = sorted(rows["edit"], key=lambda r: len(r["input_ids"]))  # less padding per chunk
-    editor.apply(editor.compute_shifts(padded(lm.model, lm.tokenizer, edit)))
+    editor.apply(editor.compute_shifts(padded(lm.model, lm.tokenizer, edit)).shifts)
     seconds = time.perf_counter() - start
     try:
         out = teacher_forced(*(lm.predictions(rows[k], batch_size) for k in KINDS), before)

@@ -1,24 +1,25 @@
-"""The registry of editing methods: one name -> its config dataclass and its editor class.
+"""The registry of editing methods: one name -> its config dataclass and its class.
 
-    register_method("mymethod", MyConfig, MyEditor)                 # objects, or
-    register_method("ft", "editor.editors:FTConfig", "editor.editors:FTEditor")  # names,
+    register_method("mymethod", MyConfig, MyMethod)                 # objects, or
+    register_method("ft", "chatedit.editors:FTConfig", "chatedit.editors:FineTune")  # names,
                                                                      # imported when first used
 
 Every entry point looks a method up here, by the `rule` of its editor config:
 scripts/train.py (what to build and whether to meta-train it), scripts/evaluate.py and
 scripts/bench.py (through `Editor.from_pretrained`), and `Editor.from_pretrained` itself.
-A new method is a module with a config dataclass and a `BaseEditor` subclass, plus one
+A new method is a module with a config dataclass and an `EditMethod` subclass, plus one
 `register_method` call (docs/extending.md); the built-in ones are registered at the
-end of this file by "module:object" names, so importing the registry imports no editor.
+end of this file by "module:object" names, so importing the registry imports no method.
 
 A config dataclass holds every option of its method, test-time ones included, each with a
 default and a help line (`field(metadata={"help": ...})`); `method.config_from(mapping)`
 builds it from a YAML section or keyword overrides, and names any key it does not know;
 `method.saved_config(mapping)` from a checkpoint's saved config, where an option renamed
-since (the class's `RENAMED`) is read under its new name and one added since takes the
-value it had before (`BEFORE`). FT, MEMIT and AlphaEdit read their config through
-`conform(config, TheirConfig)`, so a method registered with a smaller config of its own for
-one of those editor classes gets every option it leaves out at the editor's default.
+since (the class's `RENAMED`) is read under its new name, one added since takes the value
+it had before (`BEFORE`) and one removed since is dropped (`REMOVED`). FT, MEMIT and
+AlphaEdit read their config through `conform(config, TheirConfig)`, so a method registered
+with a smaller config of its own for one of those classes gets every option it leaves out
+at the class's default.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -39,10 +41,10 @@ def resolve(obj):
 
 
 @dataclass(frozen=True)
-class Method:
+class MethodSpec:
     name: str
     config_ref: type | str   # the dataclass of the method's options, or "module:Class"
-    editor_ref: type | str   # a BaseEditor subclass, or "module:Class"
+    cls_ref: type | str      # an EditMethod subclass, or "module:Class"
     meta_trained: bool       # needs a checkpoint meta-trained by scripts/train.py
     default_edit_ref: object = None  # model -> (module, layers) it edits by default, or
                                      # "module:function"; None: models.default_edit
@@ -62,8 +64,9 @@ class Method:
         return resolve(self.config_ref)
 
     @property
-    def editor(self) -> type:
-        return resolve(self.editor_ref)
+    def cls(self) -> type:
+        """The method's class (an `EditMethod` subclass)."""
+        return resolve(self.cls_ref)
 
     @property
     def test_time(self) -> set[str]:
@@ -86,12 +89,24 @@ class Method:
         return self.config(**values)
 
     def saved_config(self, saved: Mapping, **overrides):
-        """The config a checkpoint was trained with (`saved`: its editor section); options
-        added after it was written take the value they had before (`config.BEFORE`)."""
-        return self.config_from({**getattr(self.config, "BEFORE", {}), **saved}, **overrides)
+        """The config a checkpoint was trained with (`saved`: its editor section). Options
+        since removed (`config.REMOVED`: option -> the values that behave as today's
+        code, the first how it runs) are dropped, with a warning where the checkpoint was
+        trained with another value; in a config that holds one of them (written before they
+        were removed), options it lacks take the value they had before they existed
+        (`config.BEFORE`)."""
+        removed = getattr(self.config, "REMOVED", {})
+        if set(saved) & set(removed):  # written before they were removed: BEFORE applies
+            saved = {**getattr(self.config, "BEFORE", {}), **saved}
+        for name, same in removed.items():
+            if name in saved and (value := saved.pop(name)) not in same:
+                warnings.warn(f"this {self.name} checkpoint was trained with {name}={value!r}, "
+                              f"an option since removed; it runs as {name}={same[0]!r} "
+                              "(retrain it for its best results)", stacklevel=3)
+        return self.config_from(saved, **overrides)
 
 
-METHODS: dict[str, Method] = {}
+METHODS: dict[str, MethodSpec] = {}
 
 
 def option(default, help: str, test_time: bool = False):  # noqa: A002 (metadata's word)
@@ -103,26 +118,26 @@ def option(default, help: str, test_time: bool = False):  # noqa: A002 (metadata
     return field(default=default, metadata=meta)
 
 
-def register_method(name: str, config: type | str, editor: type | str,
-                    meta_trained: bool = False, default_edit=None) -> Method:
+def register_method(name: str, config: type | str, cls: type | str,
+                    meta_trained: bool = False, default_edit=None) -> MethodSpec:
     """Add an editing method. `config`: a dataclass with a `rule` field (the method's name)
-    and one field per option; `editor`: a `BaseEditor` subclass with `from_config`;
+    and one field per option; `cls`: an `EditMethod` subclass with `from_config`;
     `default_edit`: model -> (module, layers) the method edits unless told (default: the
     toolkit's, `models.default_edit`). Each may be a "module:object" string, imported when
     the method is first used."""
     if name in METHODS:
         raise ValueError(f"editing method {name!r} is already registered")
-    for obj in (config, editor):
+    for obj in (config, cls):
         if not isinstance(obj, type | str):
-            raise TypeError(f"method {name!r}: config and editor are classes or "
+            raise TypeError(f"method {name!r}: config and cls are classes or "
                             f"'module:object' strings, got {obj!r}")
     if isinstance(config, type) and "rule" not in {f.name for f in dataclasses.fields(config)}:
         raise TypeError(f"the config of method {name!r} must be a dataclass with a 'rule' field")
-    METHODS[name] = Method(name, config, editor, meta_trained, default_edit)
+    METHODS[name] = MethodSpec(name, config, cls, meta_trained, default_edit)
     return METHODS[name]
 
 
-def get_method(name: str) -> Method:
+def get_method(name: str) -> MethodSpec:
     if name not in METHODS:
         raise ValueError(f"unknown editing method {name!r}; registered: {sorted(METHODS)}")
     return METHODS[name]
@@ -144,13 +159,13 @@ def help_lines(config: type) -> dict[str, str]:
     return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(config)}
 
 
-register_method("none", "editor.editors:NoConfig", "editor.editors:NoEditor")
-register_method("ft", "editor.editors:FTConfig", "editor.editors:FTEditor")
-register_method("malmen", "editor.editors:MalmenConfig", "editor.editors:HyperEditor",
+register_method("none", "chatedit.editors:NoConfig", "chatedit.editors:Unedited")
+register_method("ft", "chatedit.editors:FTConfig", "chatedit.editors:FineTune")
+register_method("malmen", "chatedit.editors:MalmenConfig", "chatedit.editors:HyperMethod",
                 meta_trained=True)
-register_method("mend", "editor.editors:MendConfig", "editor.editors:HyperEditor",
+register_method("mend", "chatedit.editors:MendConfig", "chatedit.editors:HyperMethod",
                 meta_trained=True)
-register_method("memit", "editor.memit:MemitConfig", "editor.memit:MemitEditor",
-                default_edit="editor.memit:locate_edit")
-register_method("alphaedit", "editor.memit:AlphaEditConfig", "editor.memit:AlphaEditor",
-                default_edit="editor.memit:locate_edit")
+register_method("memit", "chatedit.memit:MemitConfig", "chatedit.memit:Memit",
+                default_edit="chatedit.memit:locate_edit")
+register_method("alphaedit", "chatedit.memit:AlphaEditConfig", "chatedit.memit:AlphaEdit",
+                default_edit="chatedit.memit:locate_edit")

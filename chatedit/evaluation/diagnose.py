@@ -1,13 +1,11 @@
-"""Why an editor holds or loses many facts at once: the joint solve per module as N grows,
-and what the test-time levers (step size, end-of-turn rows, lambda and mu per rows) do.
+"""Why an editor holds or loses many facts at once: the joint solve as N grows, and what
+the test-time lever (the step size) does.
 
-- `solve_diagnostics`: for N facts edited at once, per solve (an edited module, or with
-  `couple` the modules sharing one solve), the relative residual
-  ||K S - D|| / ||D||, the mean leverage tr(K A^-1 K^T) / n and the float32-vs-float64
-  difference of S (`hypernet.diagnostics`);
-- `lever_sweep`: ES / GS / LS of N facts as trained and with one test-time lever changed
-  at a time (the step-size multiplier, end-of-turn rows in K and D, lambda and mu scaled
-  with the row count), with LS split by the unedited model's confidence in its own
+- `solve_diagnostics`: for N facts edited at once, per solve group (the modules sharing one
+  solve), the relative residual ||sum_l K_l S_l - D|| / ||D|| and the mean leverage
+  (`hypernet.solve.diagnostics`);
+- `lever_sweep`: ES / GS / LS of N facts as trained and with the test-time lever changed
+  (the step-size multiplier), with LS split by the unedited model's confidence in its own
   locality predictions (`metrics.agreement_by_confidence`: whether an edit flips the sure
   predictions or only the near-ties).
 """
@@ -33,7 +31,7 @@ def solve_diagnostics(editor, facts: list, ns: list[int]) -> list[dict]:
             raise ValueError(f"{n} facts asked for, {len(facts)} available")
         captured = editor.capture(editor.batch(facts[:n]))  # on the model's device
         rows = next(iter(captured.values()))[0].shape[0]
-        for stats in editor.hypernet.diagnose_all(captured, editor.hyper_chunk):
+        for stats in editor.hypernet.diagnose(captured, editor.hyper_chunk):
             modules = stats.pop("modules")
             out.append({"n_facts": n, "module": ",".join(modules), "key_rows": rows, **stats})
     return out
@@ -59,15 +57,14 @@ def massive_diagnostics(editor, cfg, on_record=None) -> dict:
 
 
 # what a trained editor can change at test time
-LEVERS = ("step_scale", "eot_rows", "reg_rows", "couple")
+LEVERS = ("step_scale",)
 
 
 def _owner(editor, lever: str):
-    """What holds a test-time lever: the hypernetwork for reg_rows and couple, else the
-    editor."""
+    """What holds a test-time lever: the method."""
     if lever not in LEVERS:
         raise ValueError(f"unknown test-time lever {lever!r}; choose from {LEVERS}")
-    return editor.hypernet if lever in ("reg_rows", "couple") else editor
+    return editor
 
 
 def lever_sweep(editor, rows: dict, ns: list[int], levers: dict[str, list],

@@ -1,6 +1,6 @@
 """The editing API: fix facts in a chat model from Python, keep a record, undo, ship.
 
-    from editor import Editor
+    from chatedit import Editor
 
     ed = Editor.from_pretrained("smollm2-135m-instruct", "outputs/train/.../checkpoint.safetensors")
     result = ed.edit([{"prompt": "Who wrote Dune?", "target": "Frank Herbert"}])
@@ -26,13 +26,14 @@ import torch
 
 from . import checkpoint
 from .data import Fact
-from .editors import BaseEditor
+from .editors import EditMethod
 from .extras import require
 from .files import atomic_folder, check_folder, tensors_digest
 from .lm import accuracy, padded
 from .methods import get_method
 from .models import edit_modules, kv_shape, load_model
 from .text import check_text, exact_match, key
+from .timing import Laps, sync
 
 EDITS_FILE = "edits.safetensors"
 MAX_SHIFT_RATIO = 10.0  # a loaded shift larger than this times its weights' norm is refused
@@ -144,6 +145,11 @@ def check_subjects(facts, rows, method: str) -> None:
                              "token")
 
 
+def _same(batches, others) -> bool:
+    """Whether two lists hold the same batch objects in the same order."""
+    return len(batches) == len(others) and all(a is b for a, b in zip(batches, others))
+
+
 def weights_fingerprint(master: dict[str, torch.Tensor]) -> str:
     """sha256 of the unedited weights of the edited modules (names, shapes and values)."""
     return tensors_digest(sorted(master.items()))
@@ -152,15 +158,17 @@ def weights_fingerprint(master: dict[str, torch.Tensor]) -> str:
 class Editor:
     """A chat model with an editor attached. Build it with `from_pretrained`."""
 
-    def __init__(self, shifter: BaseEditor, name: str, answer_tokens: int = 24,
+    def __init__(self, method: EditMethod, name: str, answer_tokens: int = 24,
                  checkpoint_path=None):
-        self.shifter, self.name = shifter, name
+        self.method, self.name = method, name
         self.answer_tokens, self.checkpoint_path = answer_tokens, checkpoint_path
         self.history: list[EditBatch] = []
         self._summed: tuple[list, dict] = ([], {})  # total_shift's last batches and sum
-        self.fingerprint = weights_fingerprint(shifter.master)
+        # the method's running solve (`Shifts.state`) over exactly these batches
+        self._solved: tuple[list, object] = ([], None)
+        self.fingerprint = weights_fingerprint(method.master)
 
-    lm = property(lambda self: self.shifter.lm)  # the loaded model (lm.ChatLM)
+    lm = property(lambda self: self.method.lm)  # the loaded model (lm.ChatLM)
     model = property(lambda self: self.lm.model)
     tokenizer = property(lambda self: self.lm.tokenizer)
 
@@ -171,13 +179,13 @@ class Editor:
         """`model`: a registry name, a local folder or hub id, or a loaded transformers model
         (then pass `tokenizer`). `editor_checkpoint`: a `checkpoint.safetensors` written by
         scripts/train.py, which names its method (MALMEN or MEND); without one, `method`
-        picks an editing method that needs no meta-training (`editor.methods`: "ft", the
+        picks an editing method that needs no meta-training (`chatedit.methods`: "ft", the
         default, "memit", "alphaedit" or "none").
 
         Overrides: dtype, device (loading by name); system (system prompt), answer_tokens;
         the method's options (its config dataclass): for a trained editor only the test-time
-        ones (solve_dtype, hyper_chunk, eot_rows, reg_rows, couple, step_scale), otherwise
-        any (FT: steps, lr; MEMIT / AlphaEdit: editor.memit); without a checkpoint, module
+        ones (step_scale, joint, hyper_chunk, solve_memory_gb), otherwise
+        any (FT: steps, lr; MEMIT / AlphaEdit: chatedit.memit); without a checkpoint, module
         and layers (default: the method's own, `Method.default_edit`).
         `strict=False` allows a checkpoint trained on a model of another name (same modules)."""
         meta, tensors = {}, {}
@@ -217,14 +225,14 @@ class Editor:
                                 f"{sorted(found.test_time)})")
             config = found.saved_config(meta["config"]["editor"], **overrides)
             state = checkpoint.unprefixed(tensors, "hypernet.")
-        shifter = found.editor.from_config(model, tokenizer, modules, config, system, state)
-        return cls(shifter, name, answer_tokens, editor_checkpoint)
+        method = found.cls.from_config(model, tokenizer, modules, config, system, state)
+        return cls(method, name, answer_tokens, editor_checkpoint)
 
     @classmethod
     def quick(cls, model: str = "smollm2-135m-instruct", data: str = "zsre",
               train_overrides=None, **overrides) -> Editor:
         """`model` (a name with a conf/model entry) with a quick MALMEN editor: meta-trained
-        once with a small recipe (`editor.training.quick.QUICK`, or `train_overrides` of
+        once with a small recipe (`chatedit.training.quick.QUICK`, or `train_overrides` of
         scripts/train.py), a few minutes on a CPU, cached and reused after; `overrides` go
         to `from_pretrained`. Training code is imported only here, when asked for."""
         from .training.quick import quick_editor
@@ -261,7 +269,7 @@ class Editor:
     # -------------------------------------------------------------- editing
     @property
     def modules(self) -> dict:
-        return self.shifter.modules
+        return self.method.modules
 
     def total_shift(self, batches=None) -> dict[str, torch.Tensor]:
         """Sum of the shifts of `batches` (default: all applied), added in order. The last
@@ -270,8 +278,8 @@ class Editor:
         one addition, not one per batch edited so far."""
         batches = self.history if batches is None else batches
         done, total = self._summed
-        if not done or len(done) > len(batches) or any(a is not b for a, b in zip(done, batches)):
-            done, total = [], {n: torch.zeros_like(w) for n, w in self.shifter.master.items()}
+        if not done or len(done) > len(batches) or not _same(done, batches[:len(done)]):
+            done, total = [], {n: torch.zeros_like(w) for n, w in self.method.master.items()}
         total = dict(total)  # its tensors are replaced, never written in place
         for b in batches[len(done):]:
             for n in total:
@@ -282,7 +290,7 @@ class Editor:
     def _write(self, batches) -> None:
         """Weights <- master + total shift of `batches`; raises before writing anything if a
         shift is not finite or has the wrong shape."""
-        self.shifter.apply(self.total_shift(batches))
+        self.method.apply(self.total_shift(batches))
 
     def edit(self, facts, check: bool = True) -> EditResult:
         """Edit all `facts` at once, on top of the edits already applied. Facts are dicts
@@ -295,21 +303,25 @@ class Editor:
         limit = getattr(self.model.config, "max_position_embeddings", None)
         rows = [self.lm.encode(f["prompt"], f["target"], f["subject"] or None, limit)
                 for f in facts]
-        if self.shifter.needs_subject:
-            check_subjects(facts, rows, type(self.shifter).__name__)
-        # later batches of this history may need this one's statistics, and it the earlier
-        self.shifter.keep_stats, self.shifter.applied = True, [b.stats for b in self.history]
-        shifts = self.shifter.compute_shifts(padded(self.model, self.tokenizer, rows))
-        batch = EditBatch(facts, {n: s.detach().float().cpu() for n, s in shifts.items()},
-                          time.strftime("%Y-%m-%dT%H:%M:%S"), dict(self.shifter.stats))
+        if self.method.needs_subject:
+            check_subjects(facts, rows, type(self.method).__name__)
         before = list(self.history)
+        solved, state = self._solved
+        self._solved = ([], None)  # taken: the method may update it in place
+        laps = Laps(sync(next(self.model.parameters()).device))
+        out = self.method.compute_shifts(
+            padded(self.model, self.tokenizer, rows), [b.stats for b in before],
+            state if _same(solved, before) else None, laps)
+        batch = EditBatch(facts, {n: s.detach().float().cpu() for n, s in out.shifts.items()},
+                          time.strftime("%Y-%m-%dT%H:%M:%S"), out.stats)
         try:
             self._write(before + [batch])
             self.history = before + [batch]
-            seconds = {"edit": time.perf_counter() - start}
+            self._solved = (list(self.history), out.state)
+            seconds = {**laps.seconds, "edit": time.perf_counter() - start}
             result = self._check(facts, rows) if check else []
         except BaseException:
-            self.history = before
+            self.history, self._solved = before, ([], None)
             self._write(before)
             raise
         seconds["check"] = time.perf_counter() - start - seconds["edit"]
@@ -406,7 +418,7 @@ class Editor:
                                  f"module needs {kv_shape(module)}")
             if not torch.isfinite(tensor).all():
                 raise ValueError(f"{path}: tensor {i}.{name} holds NaN or Inf")
-            ratio = (tensor.float().norm() / self.shifter.master[name].norm()).item()
+            ratio = (tensor.float().norm() / self.method.master[name].norm()).item()
             if ratio > MAX_SHIFT_RATIO:
                 raise ValueError(f"{path}: tensor {i}.{name} is {ratio:.3g} times the norm of the "
                                  f"weights it shifts (at most {MAX_SHIFT_RATIO}); refusing it")

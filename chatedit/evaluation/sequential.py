@@ -35,7 +35,7 @@ def sequential(editor, ref, facts: list[dict], batches: int, size: int, batch_si
     """Per batch: {batch, n, edit_seconds} and, after every `every`-th batch and the last,
     ES..., ES_first (the last one also with `behaviour()`'s metrics); `ref`: the suite's
     `Reference` of `facts`. Every batch is rolled back at the end."""
-    lm = editor.shifter.lm
+    lm = editor.method.lm
     out = []
     try:
         for t in range(batches):

@@ -4,8 +4,8 @@ at every position or at the label positions only (scripts/bench.py)."""
 from __future__ import annotations
 
 from ..data import load_facts
-from ..evaluation.speed import Laps, PeakMemory, sync
-from ..lm import all_logits
+from ..evaluation.speed import PeakMemory
+from ..timing import Laps, sync
 from .meta import MetaTrainer, prepare_data
 
 
@@ -18,17 +18,14 @@ def bench_training(editor, cfg, system) -> list[dict]:
     for cache, restricted in ((True, True), (True, False), (False, True), (False, False)):
         data = prepare_data(editor, facts, facts[:8], cfg.locality, cache, cfg.train.batch_size,
                             system)
-        trainer = MetaTrainer(editor, data, cfg.train, cfg.locality, seed=cfg.seed)
+        trainer = MetaTrainer(editor, data, cfg.train, cfg.locality, seed=cfg.seed,
+                              all_logits=not restricted)
         laps = Laps(sync(cfg.device))
         times = []
         with PeakMemory(cfg.device) as mem:
             for _ in range(cfg.train_steps):
                 laps("between")
-                if restricted:
-                    trainer.step()
-                else:
-                    with all_logits():
-                        trainer.step()
+                trainer.step()
                 laps("step")
                 times.append(laps.seconds.pop("step"))
         times = times[1:] if len(times) > 1 else times

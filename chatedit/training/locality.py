@@ -3,12 +3,12 @@
 - nq: the facts' unrelated questions (zsRE's NQ questions) with their dataset answers;
 - instruction: self-instruct prompts answered by the base model's own greedy responses;
 - harmful: hh-rlhf harmful requests answered by the base model's own greedy responses
-  (these two: `editor.prompts.SOURCES` and `base_responses`);
+  (these two: `chatedit.prompts.SOURCES` and `base_responses`);
 - subject (here): per fact, another fact's question asked about this fact's subject (the
   same subject in another relation), answered by the base model's own greedy response.
 The responses are generated once per base model and cached on disk (JSON, atomic write).
 The locality loss is KL(p_before || p_after) over the assistant tokens (training.meta).
-A new source is a prompt loader in `editor.prompts.SOURCES` plus its coefficient in
+A new source is a prompt loader in `chatedit.prompts.SOURCES` plus its coefficient in
 conf/locality/*.yaml and `POOLS` in training/meta.py.
 """
 

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from . import checkpoint
 from .chat import IGNORE, fact_row, present
 from .data import load_facts
-from .editors import BaseEditor, _no_lap
+from .editors import EditMethod, Shifts, _no_lap
 from .files import cache_dir, digest, tensors_digest
 from .lm import (PREFIX_MIN, _Stop, block_of, key_moments, last_hidden, prefix_states,
                  row_chunks)
@@ -48,7 +48,6 @@ from .models import blocks, default_edit, set_weight_kv
 from .prompts import base_responses, conversation_rows
 
 
-SOLVE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # the options a target value depends on (with the weights, the last edited block and the row)
 VALUE_OPTIONS = ("v_steps", "v_lr", "v_weight_decay", "kl_factor", "clamp_norm", "stop_loss")
 
@@ -69,14 +68,9 @@ class MemitConfig:
     name: str = option("memit", "the method's label in run folders and results")
     rule: str = option("memit", "the registered method")
     mom2_weight: float = option(1000.0, "lambda: weight of the key covariance C (a mean of "
-                                "k k^T) against the new keys K^T K (MEMIT's 15000 is for d_k "
-                                "6400-16384; on SmolLM2's 1536, zsRE validation N = 32: 15000 "
-                                "ES 0.48 LS 0.95, 1000 ES 0.90 LS 0.89, 300 ES 0.91 LS 0.89)")
+                                "k k^T) against the new keys K^T K")
     v_steps: int = option(25, "Adam steps on each fact's target value delta")
-    v_lr: float = option(1.0, "Adam's learning rate for delta (MEMIT's 0.5 leaves the "
-                         "target NLL at ~1.3 nats after 25 steps on SmolLM2, whose block-8 "
-                         "states have norm ~140; zsRE validation N = 32: 0.5 ES 0.90 GS "
-                         "0.66 LS 0.89, 1 ES 0.94 GS 0.80 LS 0.90, 2 ES 0.92 GS 0.77 LS 0.84)")
+    v_lr: float = option(1.0, "Adam's learning rate for delta")
     v_weight_decay: float = option(1e-3, "weight of ||delta|| / ||h||^2")
     kl_factor: float = option(0.0625, "weight of the KL term at the subject's last token")
     clamp_norm: float = option(4.0, "||delta|| is clamped to this times ||h||")
@@ -86,7 +80,6 @@ class MemitConfig:
                                     "hh-rlhf requests with the base model's answers; zsRE "
                                     "training NQ questions) whose keys give C")
     cov_tokens: int = option(40, "greedy tokens per base-model answer in the corpus")
-    solve_dtype: str = option("float64", "dtype of the solve")
 
 
 @dataclass
@@ -95,9 +88,7 @@ class AlphaEditConfig(MemitConfig):
     rule: str = option("alphaedit", "the registered method")
     null_threshold: float = option(2e-2, "eigenvalues of C below this span the null space the "
                                    "update is projected on")
-    l2: float = option(1.0, "ridge weight of the projected solve (AlphaEdit's Llama3: 10; "
-                       "SmolLM2, zsRE validation N = 32: 10 ES 0.89 LS 0.89, 1 ES 0.91 LS "
-                       "0.89)")
+    l2: float = option(1.0, "ridge weight of the projected solve")
     sequential: bool = option(True, "the keys of every applied batch join the preserved set")
 
 
@@ -158,18 +149,15 @@ def null_projector(cov: torch.Tensor, threshold: float) -> torch.Tensor:
     return small @ small.T
 
 
-class MemitEditor(BaseEditor):
-    """MEMIT (module docstring); AlphaEdit is the same with another solve (`AlphaEditor`)."""
+class Memit(EditMethod):
+    """MEMIT (module docstring); AlphaEdit is the same with another solve (`AlphaEdit`)."""
 
     config_class = MemitConfig  # what `from_config` reads a method's config as
     needs_subject = True
-    keeps_keys = False  # whether each batch's K^T K is kept (`stats`)
+    keeps_keys = False  # whether each batch's K^T K is kept (`Shifts.stats`)
 
     def __init__(self, model, tokenizer, modules: dict, config: MemitConfig, system=None):
         super().__init__(model, tokenizer, modules, system)
-        if config.solve_dtype not in SOLVE_DTYPES:
-            raise ValueError(f"solve_dtype must be one of {sorted(SOLVE_DTYPES)}, got "
-                             f"{config.solve_dtype!r}")
         self.config = config
         _, self.block_list = blocks(model)
         self.order = sorted(modules, key=lambda n: block_of(model, n))  # lowest block first
@@ -335,14 +323,14 @@ class MemitEditor(BaseEditor):
         return (h_at + delta).detach()
 
     # -------------------------------------------------------------- solve
-    def solve(self, name: str, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
-        """MEMIT's S = (lam C + K^T K)^-1 K^T R (d_k x d_v)."""
-        dtype = SOLVE_DTYPES[self.config.solve_dtype]
-        k, r = keys.to(dtype), resid.to(dtype)
+    def solve(self, name: str, keys: torch.Tensor, resid: torch.Tensor,
+              earlier=()) -> torch.Tensor:
+        """MEMIT's S = (lam C + K^T K)^-1 K^T R (d_k x d_v), float64."""
+        k, r = keys.double(), resid.double()
         a = self.config.mom2_weight * self.cov[name].to(k) + k.T @ k
         return torch.linalg.solve(a, k.T @ r)
 
-    def compute_shifts(self, batch, lap=_no_lap) -> dict[str, torch.Tensor]:
+    def compute_shifts(self, batch, earlier=(), state=None, lap=_no_lap) -> Shifts:
         pos = batch.get("subject_last")
         if pos is None or bool((pos < 0).any()):
             bad = [] if pos is None else (pos < 0).nonzero().flatten().tolist()
@@ -350,29 +338,29 @@ class MemitEditor(BaseEditor):
                              f"missing for rows {bad[:10] or 'all'}")
         z = self.target_values(batch, pos)
         lap("values")
-        shifts = self.spread(batch, pos, z)
+        out = self.spread(batch, pos, z, earlier)
         lap("solve")
-        return shifts
+        return out
 
-    def spread(self, batch, pos, z) -> dict[str, torch.Tensor]:
+    def spread(self, batch, pos, z, earlier=()) -> Shifts:
         """Step 2: the shift of each edited module, lowest block first, each applied before
         the next one's keys are read; the weights are back as they were on return."""
-        self.stats, shifts = {}, {}
+        stats, shifts = {}, {}
         with self.kept_weights() as start:  # back to the weights it started from
             for t, name in enumerate(self.order):
                 keys, now = self.taps(batch, pos)
                 resid = (z - now) / (len(self.order) - t)
-                shifts[name] = self.solve(name, keys[name], resid).float()
-                if self.keeps_keys and self.keep_stats:  # AlphaEdit's preserved set
-                    self.stats[f"{name}:ktk"] = (keys[name].T @ keys[name]).cpu()
+                shifts[name] = self.solve(name, keys[name], resid, earlier).float()
+                if self.keeps_keys:  # AlphaEdit's preserved set
+                    stats[f"{name}:ktk"] = (keys[name].T @ keys[name]).cpu()
                 set_weight_kv(self.modules[name], start[name] + shifts[name].to(start[name]))
-        return shifts
+        return Shifts(shifts, stats)
 
 
-class AlphaEditor(MemitEditor):
+class AlphaEdit(Memit):
     """AlphaEdit: MEMIT's target values and residual spread with the null-space projected
-    solve; sequentially, the keys of the batches applied before (`applied`, their K^T K,
-    set by `Editor.edit`) join the preserved set."""
+    solve; sequentially, the keys of the batches applied before (`earlier`, their K^T K)
+    join the preserved set."""
 
     config_class = AlphaEditConfig
 
@@ -381,14 +369,13 @@ class AlphaEditor(MemitEditor):
         self.projector = {n: null_projector(c, config.null_threshold) for n, c in self.cov.items()}
         self.keeps_keys = config.sequential
 
-    def solve(self, name, keys, resid):
+    def solve(self, name, keys, resid, earlier=()):
         cfg = self.config
-        dtype = SOLVE_DTYPES[cfg.solve_dtype]
-        k, r = keys.to(dtype), resid.to(dtype)
+        k, r = keys.double(), resid.double()
         p = self.projector[name].to(k)
         kk = k.T @ k
         if cfg.sequential:
-            for stats in self.applied:  # batches edited by another method have none
+            for stats in earlier:  # batches edited by another method have none
                 kk = kk + stats.get(f"{name}:ktk", torch.zeros_like(kk)).to(kk)
-        a = p @ kk + cfg.l2 * torch.eye(k.shape[1], dtype=dtype, device=k.device)
+        a = p @ kk + cfg.l2 * torch.eye(k.shape[1], dtype=k.dtype, device=k.device)
         return torch.linalg.solve(a, p @ (k.T @ r))

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .chat import IGNORE, answer_mask, encode_pair, generate, pad
+from .chat import IGNORE, encode_pair, generate, pad
 from .models import blocks
 
 
@@ -56,10 +56,9 @@ class ChatLM:
     def with_final(self, rows, batch_size: int = 32, progress: bool = False):
         return with_final(self.model, self.tokenizer, rows, self.first, batch_size, progress)
 
-    def with_capture(self, rows, modules: dict, batch_size: int = 32, progress: bool = False,
-                     eot_rows: bool = True):
+    def with_capture(self, rows, modules: dict, batch_size: int = 32, progress: bool = False):
         return with_capture(self.model, self.tokenizer, rows, modules, self.first, batch_size,
-                            progress, eot_rows)
+                            progress)
 
     def key_moments(self, rows, modules: dict, batch_size: int = 32, progress: bool = False,
                     every_token: bool = False):
@@ -177,6 +176,12 @@ def _with_cache(model, cache) -> dict:
     return {"use_cache": True, name: cache}
 
 
+def wide(x: torch.Tensor) -> torch.Tensor:
+    """`x` in float32, or float64 where it is (a bf16 model's states and logits are read in
+    float32; a float64 model's keep their precision)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 @torch.no_grad()
 def cache_hidden(model, batch, first: int) -> list[torch.Tensor]:
     """Hidden states entering blocks[first] for each row of a right-padded batch (unpadded,
@@ -191,28 +196,14 @@ def cache_hidden(model, batch, first: int) -> list[torch.Tensor]:
     p = shared_prefix(batch) if len(ids) > 1 and first > 0 else 0  # block 0: nothing to save
     if p < PREFIX_MIN:
         h = _hidden_at(model, block, input_ids=ids, attention_mask=mask, use_cache=False)
-        return [h[i, :n].float().cpu() for i, n in enumerate(lengths)]
+        return [wide(h[i, :n]).cpu() for i, n in enumerate(lengths)]
     cache = DynamicCache(config=model.config)
     head = _hidden_at(model, block, input_ids=ids[:1, :p], attention_mask=mask[:1, :p],
                       **_with_cache(model, cache))[0]
     cache.batch_repeat_interleave(len(ids))
     tail = _hidden_at(model, block, input_ids=ids[:, p:], attention_mask=mask,
                       **_with_cache(model, cache))
-    return [torch.cat([head, tail[i, :n - p]]).float().cpu() for i, n in enumerate(lengths)]
-
-
-_LOGITS = {"everywhere": False}
-
-
-@contextmanager
-def all_logits():
-    """Inside: `forward` computes logits at every position and then keeps the label
-    positions (the cost that position-restricted logits avoid; for benchmarks)."""
-    _LOGITS["everywhere"] = True
-    try:
-        yield
-    finally:
-        _LOGITS["everywhere"] = False
+    return [wide(torch.cat([head, tail[i, :n - p]])).cpu() for i, n in enumerate(lengths)]
 
 
 class _Stop(Exception):
@@ -261,16 +252,18 @@ def prefix_states(model, batch, first: int, p: int) -> list[tuple[torch.Tensor, 
     return [kv[first]] * first + kv[first:]
 
 
-def forward(model, batch, first: int | None = None):
-    """(logits at label positions [n_tok x vocab], label ids [n_tok], row index [n_tok])."""
+def forward(model, batch, first: int | None = None, all_logits: bool = False):
+    """(logits at label positions [n_tok x vocab], label ids [n_tok], row index [n_tok]);
+    `all_logits`: computed at every position, then those kept (the cost that
+    position-restricted logits avoid; for benchmarks)."""
     labels = batch["labels"]
     hidden = last_hidden(model, batch, first)[:, :-1]
     mask = labels[:, 1:] != IGNORE
     head = model.get_output_embeddings()
-    if _LOGITS["everywhere"]:
-        logits = head(hidden).float()[mask]
+    if all_logits:
+        logits = wide(head(hidden))[mask]
     else:
-        logits = head(hidden[mask]).float()
+        logits = wide(head(hidden[mask]))
     rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(mask)[mask]
     return logits, labels[:, 1:][mask], rows
 
@@ -286,7 +279,7 @@ def with_final(model, tokenizer, rows: list[dict | None], first: int | None = No
         hidden = last_hidden(model, batch, first)[:, :-1]
         mask = batch["labels"][:, 1:] != IGNORE
         for b, j in enumerate(idx):
-            out[j] = {**rows[j], "final": hidden[b][mask[b]].float().cpu()}
+            out[j] = {**rows[j], "final": wide(hidden[b][mask[b]]).cpu()}
     return out
 
 
@@ -296,7 +289,7 @@ def logits_before(model, batch, first: int | None = None) -> torch.Tensor:
     `final` states when it has them (rows from `with_final`), else a forward."""
     if "final" in batch:
         head = model.get_output_embeddings()
-        return head(batch["final"].to(head.weight.dtype)).float()
+        return wide(head(batch["final"].to(head.weight.dtype)))
     return forward(model, batch, first)[0]
 
 
@@ -309,13 +302,12 @@ def kl_before_after(logits_before, logits_after, reduction: str = "mean") -> tor
 
 
 def with_capture(model, tokenizer, rows: list[dict], modules: dict, first: int | None = None,
-                 batch_size: int = 32, progress: bool = False,
-                 eot_rows: bool = True) -> list[dict]:
+                 batch_size: int = 32, progress: bool = False) -> list[dict]:
     """Copies of encoded rows with `captured` ({name: (K_i, Delta_i)}, float32 on the CPU)
     and `loss` (the row's summed fine-tuning loss): `capture` of the unedited model, once."""
     out = [None] * len(rows)
     for idx, batch in by_length(model, tokenizer, rows, batch_size, "capture cache", progress):
-        captured, _ = capture(model, modules, batch, first, per_row=True, eot_rows=eot_rows)
+        captured, _ = capture(model, modules, batch, first, per_row=True)
         for b, j in enumerate(idx):
             out[j] = {**rows[j], "captured": {n: (k[b], d[b]) for n, (k, d, _) in captured.items()},
                       "loss": next(iter(captured.values()))[2][b]}
@@ -345,7 +337,7 @@ def key_moments(model, tokenizer, rows: list[dict], modules: dict, first: int | 
             else:
                 mask = F.pad(batch["labels"][:, 1:] != IGNORE, (0, 1))
             for name, keys in store.items():
-                k = keys[mask].float()
+                k = wide(keys[mask])
                 sums[name] = sums.get(name, 0) + k.T @ k
             count += int(mask.sum())
     finally:
@@ -364,11 +356,10 @@ def stack_captured(rows: list[dict], device) -> tuple[dict, torch.Tensor]:
     return out, torch.stack([r["loss"] for r in rows]).sum()
 
 
-def capture(model, modules: dict, batch, first: int | None = None, per_row: bool = False,
-            eot_rows: bool = True):
+def capture(model, modules: dict, batch, first: int | None = None, per_row: bool = False):
     """Keys and value gradients of the fine-tuning loss (summed cross-entropy of the labels)
-    at the positions that predict a label, for each edited module; with `eot_rows=False`,
-    not at the positions that predict the end-of-turn token (the loss still counts it).
+    at the positions that predict a label (the end-of-turn token included), for each edited
+    module.
 
     Returns ({name: (K [n x d_k], Delta [n x d_v])}, loss). No parameter gets a gradient.
     With `per_row`, each module maps to (K rows, Delta rows, per-row losses), split by row
@@ -394,10 +385,10 @@ def capture(model, modules: dict, batch, first: int | None = None, per_row: bool
     finally:
         for h in handles:
             h.remove()
-    mask = batch["labels"][:, 1:] != IGNORE if eot_rows else answer_mask(batch)
+    mask = batch["labels"][:, 1:] != IGNORE
     out = {}
     for name, (keys, values) in store.items():
-        out[name] = (keys[:, :-1][mask].float(), values.grad[:, :-1][mask].float())
+        out[name] = (wide(keys[:, :-1][mask]), wide(values.grad[:, :-1][mask]))
     if per_row:
         counts = mask.sum(1).tolist()
         row_loss = torch.zeros(mask.shape[0], device=losses.device)

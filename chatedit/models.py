@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import os
 from pathlib import Path
 
 import torch
@@ -102,18 +103,37 @@ def _tiny(config, tokenizer, seed: int):
     return model, tokenizer
 
 
-def tiny_llama(seed: int = 0):
-    """A 4-block Llama with SmolLM2's tokenizer and ChatML template (d_k=256 > d_v=64)."""
-    from transformers import LlamaConfig
-
+def _tiny_decoder(config_class, seed: int, **extra):
+    """A 4-block decoder of `config_class` (Llama, Qwen2, Mistral) with SmolLM2's tokenizer
+    and ChatML template (d_k=256 > d_v=64)."""
     tok = AutoTokenizer.from_pretrained(tokenizer_folder())
-    config = LlamaConfig(
+    config = config_class(
         vocab_size=len(tok), hidden_size=64, intermediate_size=256, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
+        pad_token_id=tok.pad_token_id, **extra,
     )
     return _tiny(config, tok, seed)
+
+
+def tiny_llama(seed: int = 0):
+    from transformers import LlamaConfig
+
+    return _tiny_decoder(LlamaConfig, seed)
+
+
+def tiny_qwen2(seed: int = 0):
+    """Qwen2: biases on the attention's q, k, v projections."""
+    from transformers import Qwen2Config
+
+    return _tiny_decoder(Qwen2Config, seed)
+
+
+def tiny_mistral(seed: int = 0):
+    """Mistral: sliding-window attention (a window shorter than the chat rows)."""
+    from transformers import MistralConfig
+
+    return _tiny_decoder(MistralConfig, seed, sliding_window=48)
 
 
 def tiny_gpt2(seed: int = 0):
@@ -144,8 +164,10 @@ def folder_model(folder_fn):
 # lives (imported when the name is first loaded: the safety test bed is not loaded before)
 REGISTRY = {
     "smollm2-135m-instruct": folder_model(smollm2_folder),
-    "smollm2-135m-instruct-safe": "editor.safety.recipe:load_safe_model",
+    "smollm2-135m-instruct-safe": "chatedit.safety.recipe:load_safe_model",
     "tiny-llama": lambda dtype: tiny_llama(),
+    "tiny-qwen2": lambda dtype: tiny_qwen2(),
+    "tiny-mistral": lambda dtype: tiny_mistral(),
     "tiny-gpt2": lambda dtype: tiny_gpt2(),
 }
 
@@ -170,10 +192,14 @@ def load_model(name_or_path: str, dtype=None, device: str | None = None,
     "float32", "bfloat16", "float16" or a torch dtype. `chat_template=False` drops the
     tokenizer's chat template, so facts are formatted as plain `prompt + " " + target` (as
     in the original MEND/MALMEN setting). Extra keyword arguments (e.g. `device_map`) go
-    to `from_pretrained`.
+    to `from_pretrained`. A name listed in the environment variable CHATEDIT_DENY_MODELS
+    (comma-separated; the fast tests set it) is refused.
     """
     dtype = _dtype(dtype)
     name = str(name_or_path)
+    if name in os.environ.get("CHATEDIT_DENY_MODELS", "").split(","):
+        raise RuntimeError(f"loading {name!r} is denied in this run (CHATEDIT_DENY_MODELS: "
+                           "`make test-fast` loads no real model)")
     if name in REGISTRY:
         model, tok = registered(name)(dtype)
         model.config.name_or_path = name
@@ -317,3 +343,18 @@ def kv_shape(module) -> tuple[int, int]:
     """(d_k, d_v): input and output widths of the linear map."""
     d_k, d_v = weight_kv(module).shape
     return int(d_k), int(d_v)
+
+
+def memory_budget(device, gib: float | None = None) -> int:
+    """Bytes a large buffer may take: `gib` GiB where given, else half of what is free now
+    on `device` (a CUDA device's free memory; otherwise the machine's available memory)."""
+    if gib is not None:
+        if gib <= 0:
+            raise ValueError(f"a memory budget must be positive GiB, got {gib}")
+        return int(gib * 2**30)
+    device = torch.device(device or "cpu")
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] // 2
+    import psutil
+
+    return psutil.virtual_memory().available // 2

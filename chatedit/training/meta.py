@@ -30,26 +30,23 @@ from tqdm.auto import tqdm
 
 from .. import checkpoint
 from ..chat import IGNORE, encode_pair, fact_row, fact_rows, sliced
-from ..editors import HyperEditor
+from ..editors import HyperMethod
 from ..evaluation.metrics import edit_metrics
 from ..extras import require
-from ..lm import forward, kl_before_after, logits_before, padded, stack_captured
+from ..lm import forward, kl_before_after, logits_before, padded, stack_captured, wide
 from ..models import kv_shape, to_kv
 from ..prompts import base_responses, conversation_rows
 from ..text import key
-from .augment import new_targets
 from .locality import subject_rows
 
 
 @dataclass
 class TrainData:
-    """Encoded (and, with the cache, hidden-state-carrying) rows for meta-training.
+    """Encoded (and, with the cache, hidden-state-carrying) rows for meta-training: per
+    training fact i, edit[i] is prompt -> target and rephrase[i] its rephrase -> target."""
 
-    Per training fact i and target t (t = 0 its own, t > 0 new targets, `augment.py`):
-    edit[i][t] is prompt -> target t, rephrase[i][t] is its rephrase -> target t."""
-
-    edit: list[list[dict]]
-    rephrase: list[list[dict]]
+    edit: list[dict]
+    rephrase: list[dict]
     nq: list[dict | None]
     subject: list[dict | None] = field(default_factory=list)     # aligned with edit, or empty
     pools: dict[str, list[dict]] = field(default_factory=dict)  # instruction, harmful
@@ -76,8 +73,12 @@ def label_count(rows) -> int:
 
 
 class MetaTrainer:
-    def __init__(self, editor: HyperEditor, data: TrainData, cfg, loc_cfg, seed: int = 0):
+    def __init__(self, editor: HyperMethod, data: TrainData, cfg, loc_cfg, seed: int = 0,
+                 all_logits: bool = False):
+        """`all_logits`: the meta-loss computes logits at every position (for benchmarks;
+        `lm.forward`)."""
         self.editor, self.data, self.cfg, self.loc, self.seed = editor, data, cfg, loc_cfg, seed
+        self.all_logits = all_logits
         self.hypernet = editor.hypernet
         self.sizes = sizes(cfg.n_edits)
         if not data.keys:
@@ -118,28 +119,6 @@ class MetaTrainer:
                         return out
         raise RuntimeError(f"could not draw {m} facts with distinct prompts")  # capacity()
 
-    def variants(self, step: int, idx: list[int]) -> list[tuple[dict, dict]]:
-        """(edit row, generalisation row) per fact: a seeded choice of its target (its own
-        or a new one) and, with probability `augment.swap`, its rephrase as the edit prompt
-        and its prompt as the generalisation one."""
-        g = torch.Generator().manual_seed(self.seed * 100019 + step)
-        swap = float(self.cfg.get("augment", {}).get("swap", 0.0))
-        out = []
-        for i in idx:
-            t = int(torch.randint(len(self.data.edit[i]), (1,), generator=g))
-            pair = (self.data.edit[i][t], self.data.rephrase[i][t])
-            out.append(pair[::-1] if float(torch.rand((), generator=g)) < swap else pair)
-        return out
-
-    def loss_subset(self, step: int, m: int) -> list[int]:
-        """Positions (in the step's facts) whose rows enter the meta-loss: all, or a seeded
-        subset of `train.loss_facts`."""
-        k = self.cfg.get("loss_facts")
-        if k is None or k >= m:
-            return list(range(m))
-        g = torch.Generator().manual_seed(self.seed * 100057 + step)
-        return sorted(torch.randperm(m, generator=g)[:k].tolist())
-
     def loc_rows(self, step: int, idx: list[int]) -> dict[str, list[dict]]:
         g = torch.Generator().manual_seed(self.seed * 100003 + step)
         rows = {}
@@ -173,7 +152,7 @@ class MetaTrainer:
         for name, (rows, coef, kind) in parts.items():
             n_tok, total = label_count(rows), 0.0
             for batch in self.chunks(rows):
-                logits, labels, _ = forward(ed.model, batch, ed.first)
+                logits, labels, _ = forward(ed.model, batch, ed.first, self.all_logits)
                 if kind == "ce":
                     loss = F.cross_entropy(logits, labels, reduction="sum")
                 else:
@@ -188,11 +167,9 @@ class MetaTrainer:
         ed, cfg, hn = self.editor, self.cfg, self.hypernet
         m = self.n_edits(self.step_count)
         idx = self.fact_indices(self.step_count)
-        edit_rows, gen_rows = zip(*self.variants(self.step_count, idx))
-        scored = self.loss_subset(self.step_count, m)  # the facts whose rows enter the loss
-        gen_rows = [gen_rows[i] for i in scored]
-        locs = {s: r for s, r in self.loc_rows(self.step_count, [idx[i] for i in scored]).items()
-                if r}
+        edit_rows = [self.data.edit[i] for i in idx]
+        gen_rows = [self.data.rephrase[i] for i in idx]
+        locs = {s: r for s, r in self.loc_rows(self.step_count, idx).items() if r}
 
         # 1. capture (and update the running normalisers: training only)
         if "captured" in edit_rows[0]:
@@ -205,20 +182,19 @@ class MetaTrainer:
         for name, (k, d) in captured.items():
             hn.update_norm(name, k, d)
         # 2. shifts without grad, applied
-        caches = {name: {} for name in captured}
-        with torch.no_grad():
-            ed.apply(hn.shifts(captured, ed.solve_dtype, ed.hyper_chunk, caches))
+        factors = {}
+        ed.apply(hn.shifts(captured, ed.hyper_chunk, factors))
         # 3. meta-loss on the edited model; G = dL/dW
         parts = {"rephrase_loss": (list(gen_rows), cfg.rephrase_coef, "ce")}
         parts.update({f"loc_{s}": (r, self.coefs[s], "kl") for s, r in locs.items()})
         if cfg.edit_coef > 0:  # the edit prompts themselves, after the edit
-            parts["edit_after"] = ([edit_rows[i] for i in scored], cfg.edit_coef, "ce")
+            parts["edit_after"] = (edit_rows, cfg.edit_coef, "ce")
         weights = [mod.weight for mod in ed.modules.values()]
         for w in weights:
             w.requires_grad_(True)
         try:
             losses = self.meta_backward(parts)
-            grads = {n: to_kv(mod, mod.weight.grad).float() for n, mod in ed.modules.items()}
+            grads = {n: wide(to_kv(mod, mod.weight.grad)) for n, mod in ed.modules.items()}
         finally:
             for w in weights:
                 w.requires_grad_(False)
@@ -226,7 +202,7 @@ class MetaTrainer:
             ed.restore()
         # 4. hypernetwork update through the proxy <G, S(theta)>, chunk by chunk
         self.opt.zero_grad()
-        hn.backward_all(captured, grads, ed.solve_dtype, ed.hyper_chunk, caches)
+        hn.backward(captured, grads, ed.hyper_chunk, factors)
         norm = torch.nn.utils.clip_grad_norm_(hn.parameters(), cfg.max_grad_norm)
         self.opt.step()
         self.step_count += 1
@@ -267,23 +243,16 @@ class MetaTrainer:
 
 
 def prepare_data(editor, train_facts, val_facts, loc_cfg, use_cache: bool, batch_size: int,
-                 system=None, augment=None) -> TrainData:
+                 system=None) -> TrainData:
     """Encode every training/validation/locality row (no locality pools when `loc_cfg` is
     None); with `use_cache`, attach the hidden state entering the first edited block and,
     to the edit rows, their captured keys and value gradients, and to the locality rows, the
-    unedited model's last hidden state at their label positions (all computed once here).
-    `augment`: {new_targets: k, swap: p, seed} (`augment.py`; rephrases are captured too
-    when p > 0, as they may be the edit prompt)."""
+    unedited model's last hidden state at their label positions (all computed once here)."""
     tok, model = editor.tokenizer, editor.model
-    augment = augment or {}
     facts = [f for f in train_facts if f["rephrases"]]  # so edit and rephrase rows align
-    extra = new_targets(facts, int(augment.get("new_targets", 0)), int(augment.get("seed", 0)))
-    targets = [[f["target"], *alts] for f, alts in zip(facts, extra)]
     data = TrainData(
-        edit=[[encode_pair(tok, f["prompt"], t, system) for t in ts]
-              for f, ts in zip(facts, targets)],
-        rephrase=[[encode_pair(tok, f["rephrases"][0], t, system) for t in ts]
-                  for f, ts in zip(facts, targets)],
+        edit=[encode_pair(tok, f["prompt"], f["target"], system) for f in facts],
+        rephrase=[encode_pair(tok, f["rephrases"][0], f["target"], system) for f in facts],
         nq=[fact_row(tok, f, "loc", system) for f in facts],
         val=fact_rows(tok, val_facts, system),
         keys=fact_keys(facts))
@@ -302,13 +271,10 @@ def prepare_data(editor, train_facts, val_facts, loc_cfg, use_cache: bool, batch
             return editor.lm.with_final(rs, batch_size, progress=True)
 
         def captured(rs):
-            return editor.lm.with_capture(cached(rs), editor.modules, batch_size, progress=True,
-                                          eot_rows=editor.eot_rows)
+            return editor.lm.with_capture(cached(rs), editor.modules, batch_size, progress=True)
 
-        swap = float(augment.get("swap", 0.0)) > 0
-        data.edit = regroup(captured(sum(data.edit, [])), data.edit)
-        data.rephrase = regroup((captured if swap else cached)(sum(data.rephrase, [])),
-                                data.rephrase)
+        data.edit = captured(data.edit)
+        data.rephrase = cached(data.rephrase)
         data.nq = final(cached(data.nq))
         data.subject = final(cached(data.subject)) if data.subject else []
         data.pools = {s: final(cached(r)) for s, r in data.pools.items()}
@@ -342,15 +308,6 @@ def load_data(path, spec: str, editor) -> TrainData | None:
     for name, c in data.priors.items():
         editor.hypernet.set_prior(name, c)
     return data
-
-
-def regroup(flat: list, like: list[list]) -> list[list]:
-    """`flat` cut into lists of the lengths of `like`'s."""
-    out, i = [], 0
-    for group in like:
-        out.append(flat[i:i + len(group)])
-        i += len(group)
-    return out
 
 
 def train(trainer: MetaTrainer, steps: int, out_dir: Path, val_every: int, ckpt_every: int,
@@ -390,17 +347,24 @@ def memory_estimate(model, modules: dict, hypernet, cached_rows: int, tokens_per
                     training: bool = True, n_edits: int = 0, key_rows_per_fact: int = 8,
                     captured_rows: int = 0) -> dict[str, float]:
     """A GiB estimate of a run's memory: model weights (device), the fp32 master of the edited
-    modules, the hypernetwork (with Adam state and gradients when training), the
-    hidden-state cache (host memory; rows x tokens x hidden x fp32), the captured keys and
-    value gradients of the cached edit rows, and one edit batch of `n_edits` facts (their
-    keys, value gradients and value shifts at every edited module)."""
+    modules, the hypernetwork (with Adam state and gradients when training), its buffers (key
+    priors, running normalisers), the hidden-state cache (host memory; rows x tokens x
+    hidden x fp32), the captured keys and value gradients of the cached edit rows, one edit
+    batch of `n_edits` facts (their keys, value gradients and value shifts at every edited
+    module) and its solve (float64: the row-space matrix and the keys' projections)."""
     gib = 2 ** 30
     n_hyper = sum(p.numel() for p in hypernet.parameters()) if hypernet is not None else 0
+    buffers = sum(b.numel() * b.element_size() for b in hypernet.buffers()) \
+        if hypernet is not None else 0
     row = sum(sum(kv_shape(m)) for m in modules.values()) * 4  # one key row at every module
+    rows = n_edits * key_rows_per_fact
     est = {
         "weights": sum(p.numel() * p.element_size() for p in model.parameters()) / gib,
         "fp32 master": sum(m.weight.numel() * 4 for m in modules.values()) / gib,
         "hypernetwork": n_hyper * 4 * (4 if training else 1) / gib,
+        "hypernetwork buffers": buffers / gib,
+        "solve": 8 * (rows * rows + 2 * rows * sum(kv_shape(m)[0] for m in modules.values()))
+        / gib if hypernet is not None else 0.0,
         "hidden cache (host)": cached_rows * tokens_per_row * model.config.hidden_size * 4 / gib,
         "captured cache (host)": captured_rows * key_rows_per_fact * row / gib,
         "edit batch": n_edits * key_rows_per_fact * row * 3 / gib,
@@ -427,15 +391,13 @@ def check_config(cfg) -> None:
     sizes(cfg.train.n_edits)
     for name in ("steps", "val_every", "ckpt_every", "batch_size", "lm_chunk", "answer_tokens"):
         need(f"train.{name}", integer(1), "an integer >= 1")
-    for name in ("test_facts", "test_gen", "augment.new_targets"):
+    for name in ("test_facts", "test_gen"):
         need(f"train.{name}", integer(0), "an integer >= 0")
     for name in ("meta_lr", "max_grad_norm"):
         need(f"train.{name}", number(0, strict=True), "a number > 0")
     for name in ("scalar_lr", "rephrase_coef", "edit_coef"):
         need(f"train.{name}", number(0), "a number >= 0")
-    need("train.augment.swap", number(0, 1), "a probability in [0, 1]")
-    for name in ("train_facts", "loss_facts"):
-        need(f"train.{name}", lambda v: v is None or integer(1)(v), "null or an integer >= 1")
+    need("train.train_facts", lambda v: v is None or integer(1)(v), "null or an integer >= 1")
     need("train.val_ns", lambda v: v is None or (len(v) > 0 and all(map(integer(1), v))),
          "null or a list of integers >= 1")
     if "hyper_chunk" in cfg.editor:

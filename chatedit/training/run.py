@@ -90,11 +90,11 @@ def _load(cfg):
 
 def _estimate(cfg, editor, facts, trained: bool) -> dict:
     """The memory estimate printed before any work (rows the cache will hold)."""
-    targets = (1 + cfg.train.augment.new_targets) * len(facts["train"]) * trained
+    targets = len(facts["train"]) * trained
     rows = 2 * targets + len(facts["train"]) * trained + 3 * len(facts["validation"])  # + nq
     if trained and cfg.train.hidden_cache:
         rows += 2 * cfg.locality.pool_size
-    captured = targets * (2 if cfg.train.augment.swap > 0 else 1) * cfg.train.hidden_cache
+    captured = targets * cfg.train.hidden_cache
     return memory_estimate(editor.model, editor.modules, editor.hypernet if trained else None,
                            rows if cfg.train.hidden_cache else 0, training=trained,
                            n_edits=max(sizes(cfg.train.n_edits)) if trained else 0,
@@ -102,7 +102,7 @@ def _estimate(cfg, editor, facts, trained: bool) -> dict:
 
 
 # editor options that change only numerics or memory, not what is learned
-NEUTRAL = {"name", "solve_dtype", "hyper_chunk"}
+NEUTRAL = {"name", "hyper_chunk", "solve_memory_gb"}
 
 
 def check_resume(method, config, path: Path) -> None:
@@ -142,7 +142,7 @@ def run(cfg, out: Path) -> dict:
             if cfg.train.test_facts else None)  # 0: no final check on the test split
     if trained:
         check_pool(cfg.train.n_edits, fact_keys(facts["train"]))
-    editor = method.editor.from_config(model, tok, modules, config, system)
+    editor = method.cls.from_config(model, tok, modules, config, system)
     estimate = _estimate(cfg, editor, facts, trained)
     print("memory estimate (GiB): " + ", ".join(f"{k} {v:.2f}" for k, v in estimate.items()))
     start = time.perf_counter()
@@ -187,8 +187,8 @@ def prepare(cfg, editor, facts, path: Path | None):
                 for k, v in resolved["locality"].items() if k != "name"}
     spec = digest([resolved["model"], resolved["data"], locality,
                    {k: resolved["train"][k]
-                    for k in ("train_facts", "hidden_cache", "batch_size", "augment")},
-                   cfg.editor.get("eot_rows"), cfg.editor.get("prior"), sorted(editor.modules)])
+                    for k in ("train_facts", "hidden_cache", "batch_size")},
+                   cfg.editor.get("prior"), sorted(editor.modules)])
     if trained and path.exists():
         data = load_data(path, spec, editor)
         if data is not None:
@@ -196,7 +196,7 @@ def prepare(cfg, editor, facts, path: Path | None):
             return data
     data = prepare_data(editor, facts["train"] if trained else [], facts["validation"],
                         cfg.locality if trained else None, cfg.train.hidden_cache,
-                        cfg.train.batch_size, cfg.model.system_prompt, cfg.train.augment)
+                        cfg.train.batch_size, cfg.model.system_prompt)
     if trained:
         save_data(path, data, spec)
     return data

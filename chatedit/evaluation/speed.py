@@ -1,6 +1,6 @@
 """The cost of an edit against its floor, and peak memory (scripts/bench.py).
 
-An edit of N facts at once is timed in its own stages (`BaseEditor.compute_shifts` marks
+An edit of N facts at once is timed in its own stages (`EditMethod.compute_shifts` marks
 them: capture = forward + backward to the edited modules, hypernetwork, solve; then apply)
 against the floor: one plain forward + backward over the same N chat-formatted facts
 computing the edited weights' gradient (the least work any gradient-based editor does),
@@ -23,29 +23,11 @@ from ..chat import conversations
 from ..data import load_facts
 from ..files import pyplot, save_figure
 from ..lm import forward, padded, row_chunks
+from ..timing import Laps, sync
 from .sequential import distinct
 
 # "values": MEMIT / AlphaEdit's target-value search
 STAGES = ("capture", "hypernetwork", "values", "solve", "fine-tune", "apply")
-
-
-class Laps:
-    """Seconds per stage of a computation: `lap(stage)` adds the time since the previous
-    lap to `stage` (the stages of an edit: capture, hypernetwork, solve, ...)."""
-
-    def __init__(self, sync=None):
-        self.seconds: dict[str, float] = {}
-        self.sync = sync or (lambda: None)
-        self.last = self.now()
-
-    def now(self) -> float:
-        self.sync()
-        return time.perf_counter()
-
-    def __call__(self, stage: str) -> None:
-        now = self.now()
-        self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self.last
-        self.last = now
 
 
 class PeakMemory:
@@ -84,11 +66,6 @@ class PeakMemory:
         self.mib = (self.peak - self.base) / 2**20
 
 
-def sync(device: str):
-    """What makes a clock reading wait for the device's queued work."""
-    return torch.cuda.synchronize if device.startswith("cuda") else None
-
-
 def fact_batch(model, tok, n: int, system) -> dict:
     """N chat-formatted facts (zsRE test, then train; repeated when N exceeds both)."""
     facts = list(load_facts("zsre", "test")) + list(load_facts("zsre", "train"))
@@ -118,7 +95,7 @@ def floor(editor, batch, device) -> float:
 def timed_edit(editor, batch, device) -> dict:
     """The edit in the editor's own stages (seconds each), then restored."""
     laps = Laps(sync(device))
-    shifts = editor.compute_shifts(batch, lap=laps)
+    shifts = editor.compute_shifts(batch, lap=laps).shifts
     editor.apply(shifts)
     laps("apply")
     editor.restore()
@@ -160,15 +137,12 @@ def bench_lifelong(editor, batches: int, size: int, png=None) -> dict:
     if len(facts) < batches * size:
         raise ValueError(f"lifelong: {batches} x {size} facts, but only {len(facts)} distinct")
     ed = Editor(editor, "bench")
-    laps, compute = Laps(), editor.compute_shifts
-    editor.compute_shifts = lambda batch, lap=None, **kw: compute(batch, laps, **kw)
     out = {"batch_seconds": [], "solve_seconds": [], "rows": []}
     try:
         for t in tqdm(range(batches), desc="lifelong batches"):
-            laps.seconds, start = {}, time.perf_counter()
-            ed.edit(facts[t * size:(t + 1) * size], check=False)
-            out["batch_seconds"].append(time.perf_counter() - start)
-            out["solve_seconds"].append(laps.seconds.get("solve", 0.0))
+            result = ed.edit(facts[t * size:(t + 1) * size], check=False)
+            out["batch_seconds"].append(result.seconds["edit"])
+            out["solve_seconds"].append(result.seconds.get("solve", 0.0))
             rows = next((int(v.sum()) for k, v in ed.history[-1].stats.items()
                          if k.endswith(":rows")), 0)  # this batch's key rows (MALMEN)
             out["rows"].append(rows + (out["rows"][-1] if t else 0))
@@ -177,14 +151,12 @@ def bench_lifelong(editor, batches: int, size: int, png=None) -> dict:
         turns = ed.total_shift()
         start = time.perf_counter()
         with editor.unedited():
-            editor.applied = []
-            once = editor.compute_shifts(editor.batch(facts))
+            once = editor.compute_shifts(editor.batch(facts)).shifts
         out["joint_seconds"] = time.perf_counter() - start
         out["vs_joint"] = max(((turns[n] - once[n].float().cpu()).norm()
                                / once[n].float().cpu().norm()).item() for n in turns)
         print(f"{batches} x {size} in turn vs one edit of all: {out['vs_joint']:.2e}")
     finally:
-        editor.__dict__.pop("compute_shifts", None)
         if ed.history:
             ed.rollback(all=True)
     return out

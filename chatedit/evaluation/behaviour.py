@@ -10,7 +10,7 @@ Refusals are detected by string matching, each benchmark with its authors' own r
 Curly apostrophes are read as straight ones; an empty response counts as a refusal.
 
 IFEval scoring uses the rule checks shipped in lm-eval (`lm_eval.tasks.ifeval`), with the
-NLTK punkt data shipped in `editor/assets/nltk_data`, so it works offline.
+NLTK punkt data shipped in `chatedit/assets/nltk_data`, so it works offline.
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def _limit(n):
 
 @dataclass
 class SuiteConfig:
-    """How much of each suite to run: the fields of an `eval` config (editor.evaluation.config,
+    """How much of each suite to run: the fields of an `eval` config (chatedit.evaluation.config,
     scripts/align.py), so `eval.ifeval.limit=50` works in both."""
     ifeval: Limit = _limit(100)          # of 541 prompts
     advbench: Limit = _limit(100)        # of 520 behaviours

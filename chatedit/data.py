@@ -1,4 +1,4 @@
-"""Facts to edit (the prompt sets other than facts are in `editor.prompts`).
+"""Facts to edit (the prompt sets other than facts are in `chatedit.prompts`).
 
 Every editing format maps into one fact record (`FACT_FEATURES`):
     id, prompt, target, ground_truth, subject, rephrases[], loc_prompts[], loc_answers[]

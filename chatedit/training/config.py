@@ -5,23 +5,15 @@ error naming it).
 
     train/default      TrainConfig
     locality/base      LocalityConfig (conf/locality/{chat,nq,none}.yaml: its differences)
-    editor/<method>    each registered method's config (editor.methods), e.g. editor=mend
+    editor/<method>    each registered method's config (chatedit.methods), e.g. editor=mend
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..methods import METHODS, option
-
-
-@dataclass
-class AugmentConfig:
-    new_targets: int = option(0, "per fact, this many targets of other training facts of its "
-                              "relation (each step uses its own target or one of them)")
-    swap: float = option(0.0, "probability a step edits a fact's rephrase and tests its prompt")
-    seed: int = option(0, "seed of the new targets")
 
 
 @dataclass
@@ -35,13 +27,7 @@ class TrainConfig:
     max_grad_norm: float = option(1.0, "gradient clipping norm")
     rephrase_coef: float = option(1.0, "weight of the CE of the target on the rephrases")
     edit_coef: float = option(0.0, "> 0: adds the CE of the target on the edit prompts")
-    loss_facts: int | None = option(None, "meta-loss on a seeded subset of this many of a "
-                                    "step's facts (their rephrases and per-fact locality "
-                                    "rows; the shift still comes from all): cheaper large-N "
-                                    "steps, an unbiased estimate of the loss (null: all)")
     lm_chunk: int = option(32, "rows per meta-loss forward/backward (bounds memory at any N)")
-    augment: AugmentConfig = field(default_factory=AugmentConfig,
-                                   metadata={"help": "more distinct training edits"})
     val_every: int = option(25, "validate every this many steps")
     val_ns: list[int] | None = option([128], "validation facts edited at once (the first N's "
                                       "metrics are val_ES, ...; the others' val_<N>_ES, ...)")

@@ -74,7 +74,7 @@ def encode_pair(tokenizer, prompt: str, answer: str, system: str | None = None,
     whether the last label is an end-of-turn token (not part of the answer). With `subject`,
     also `subject_last`: the index of the subject's last token in the prompt (the first
     occurrence, case-insensitive; -1 when the prompt does not contain it), where
-    locate-then-edit methods read and write a fact (editor.memit)."""
+    locate-then-edit methods read and write a fact (chatedit.memit)."""
     answer = check_text(answer, "target", tokenizer)
     text, start, end, has_eot = _answer_span(tokenizer, prompt, answer, system)
     enc = tokenizer(text, add_special_tokens=not has_template(tokenizer),

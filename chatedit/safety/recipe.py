@@ -387,4 +387,4 @@ def safe_folder() -> Path:
     return convert_once(cache_dir() / f"smollm2-135m-instruct-safe-{recipe.digest()}", make)
 
 
-load_safe_model = folder_model(safe_folder)  # the model registry's entry (editor.models)
+load_safe_model = folder_model(safe_folder)  # the model registry's entry (chatedit.models)

@@ -82,8 +82,8 @@ class EditBatch:
     facts: list[dict]
     shifts: dict[str, torch.Tensor] = field(repr=False)
     time: str = ""
-    stats: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # the method's
-    # per-batch statistics besides the shift (AlphaEdit: each module's K^T K)
+    stats: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # what later
+    # batches need of this one (`Shifts.stats`; MALMEN: keys and value shifts, AlphaEdit: K^T K)
 
 
 def _as_dict(fact, i: int) -> dict:
@@ -186,7 +186,7 @@ class Editor:
         the method's options (its config dataclass): for a trained editor only the test-time
         ones (step_scale, joint, hyper_chunk, solve_memory_gb), otherwise
         any (FT: steps, lr; MEMIT / AlphaEdit: chatedit.memit); without a checkpoint, module
-        and layers (default: the method's own, `Method.default_edit`).
+        and layers (default: the method's own, `MethodSpec.default_edit`).
         `strict=False` allows a checkpoint trained on a model of another name (same modules)."""
         meta, tensors = {}, {}
         if editor_checkpoint is not None:
@@ -231,10 +231,11 @@ class Editor:
     @classmethod
     def quick(cls, model: str = "smollm2-135m-instruct", data: str = "zsre",
               train_overrides=None, **overrides) -> Editor:
-        """`model` (a name with a conf/model entry) with a quick MALMEN editor: meta-trained
-        once with a small recipe (`chatedit.training.quick.QUICK`, or `train_overrides` of
-        scripts/train.py), a few minutes on a CPU, cached and reused after; `overrides` go
-        to `from_pretrained`. Training code is imported only here, when asked for."""
+        """`model` (a name with a chatedit/conf/model entry) with a quick MALMEN editor:
+        meta-trained once with a small recipe (`chatedit.training.quick.QUICK`, or
+        `train_overrides` of chatedit-train), a few minutes on a CPU, cached and reused
+        after; `overrides` go to `from_pretrained`. Training code is imported only here,
+        when asked for."""
         from .training.quick import quick_editor
 
         return cls.from_pretrained(model, quick_editor(model, data, train_overrides),

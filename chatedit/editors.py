@@ -172,9 +172,9 @@ class HyperConfig:
                          "the unedited weights), as if all were edited at once; false: stack "
                          "each batch's own shift, captured on the edited model",
                          test_time=True)
-    solve_memory_gb: float | None = option(None, "most memory the running solve may hold "
-                                           "(GiB); past it the solve stays in row space or is "
-                                           "refused (null: half the memory available)",
+    solve_memory_gb: float | None = option(None, "most memory the solve may hold (GiB); a "
+                                           "solve that needs more is refused before it is "
+                                           "built (null: half the memory available)",
                                            test_time=True)
 
 
@@ -232,7 +232,7 @@ class HyperMethod(EditMethod):
     of the shift (MALMEN's S is linear in D, so this scales the learned step size eta)."""
 
     def __init__(self, model, tokenizer, modules, hypernet: HyperNetwork, system=None,
-                 chunk_size: int = 128, hyper_chunk: int = 4096, step_scale: float = 1.0,
+                 chunk_size: int = 128, hyper_chunk: int = 1024, step_scale: float = 1.0,
                  joint: bool = True, solve_memory_gb: float | None = None):
         super().__init__(model, tokenizer, modules, system)
         self.hypernet, self.chunk_size, self.hyper_chunk = hypernet, chunk_size, hyper_chunk
@@ -267,13 +267,13 @@ class HyperMethod(EditMethod):
         return {n: (torch.cat([p[n][0] for p in parts]), torch.cat([p[n][1] for p in parts]))
                 for n in self.modules}
 
-    def compute_shifts(self, batch, earlier=(), state=None, lap=_no_lap, captured=None):
+    def compute_shifts(self, batch, earlier=(), state=None, lap=_no_lap):
         """MALMEN (`joint`): keys and value gradients captured on the unedited weights, and
         the shift that takes the earlier batches' solve S(earlier) to the solve of all rows,
         S(earlier + this), so the weights (master + the sum of the batches' shifts) equal one
         edit of every fact to float tolerance. Each solve group keeps its running solve
         (`hypernet.solve.start` / `add`), so a batch in turn costs its own rows' update, not
-        a solve of every row so far. `captured`: keys and value gradients already taken."""
+        a solve of every row so far."""
         hn = self.hypernet
         earlier = list(earlier) if self.joint else []
         joint = bool(earlier)
@@ -282,10 +282,9 @@ class HyperMethod(EditMethod):
                           "method, with joint=false, or saved without them): this batch is "
                           "stacked, not solved jointly", stacklevel=3)
             earlier, joint = [], False
-        if captured is None:
-            with self.unedited() if joint else nullcontext():
-                captured = self.capture(batch)
-            lap("capture")
+        with self.unedited() if joint else nullcontext():
+            captured = self.capture(batch)
+        lap("capture")
         if not hn.solves:  # MEND: a shift per module, nothing kept
             shifts = hn.shifts(captured, self.hyper_chunk, lap=lap)
             return Shifts({n: self.step_scale * s for n, s in shifts.items()})
@@ -307,7 +306,7 @@ class HyperMethod(EditMethod):
                                                keys, values, budget)
             shifts.update({n: self.step_scale * s.to(values.dtype) for n, s in zip(group, new)})
             lap("solve")
-        return Shifts(shifts, stats if self.joint else {}, runs)
+        return Shifts(shifts, stats, runs) if self.joint else Shifts(shifts)
 
     @torch.no_grad()
     def add(self, group, earlier, run, keys, values, budget):

@@ -36,6 +36,15 @@ def pytest_configure(config):
         os.environ["CHATEDIT_DENY_MODELS"] = ",".join(REAL)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Every test that takes the real model's fixture is marked `slow` (checked in every run,
+    so `make test` proves what `make test-fast` relies on)."""
+    unmarked = [item.nodeid for item in items if "smollm2" in getattr(item, "fixturenames", ())
+                and item.get_closest_marker("slow") is None]
+    if unmarked:
+        raise pytest.UsageError(f"tests load the real model without the slow mark: {unmarked}")
+
+
 @pytest.fixture(scope="session", params=["tiny-llama", "tiny-gpt2"])
 def tiny(request):
     """A Llama-layout and a GPT-2-layout (Conv1D) model: (name, model, tokenizer)."""

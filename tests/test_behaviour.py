@@ -93,7 +93,7 @@ def test_eval_config_gives_behaviour_suite_its_arguments(overrides):
     from chatedit.evaluation.config import register
 
     register()  # the eval group's schema (scripts/evaluate.py does the same)
-    conf = Path(__file__).resolve().parents[1] / "conf"
+    conf = Path(__file__).resolve().parents[1] / "chatedit" / "conf"
     with initialize_config_dir(str(conf), version_base="1.3"):
         cfg = compose("evaluate", overrides).eval
     assert set(OmegaConf.structured(SuiteConfig)) <= set(cfg)

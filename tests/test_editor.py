@@ -224,7 +224,7 @@ def test_chunked_capture_equals_one_batch(setup):
     chunked = whole.capture(batch)
     for n in modules:
         for a, b in zip(one[n], chunked[n]):
-            assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5)
+            assert a.shape == b.shape and (a - b).norm() <= 1e-5 * a.norm()  # float32 noise
 
 
 @pytest.mark.parametrize("setup", ["tiny-llama"], indirect=True)

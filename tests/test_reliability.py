@@ -260,7 +260,7 @@ def test_default_modules_match_the_model_configs(name):
     from omegaconf import OmegaConf
 
     model, _ = load_model(name)
-    conf = OmegaConf.load(ROOT / "conf" / "model" / f"{name}.yaml").edit
+    conf = OmegaConf.load(ROOT / "chatedit" / "conf" / "model" / f"{name}.yaml").edit
     assert default_edit(model) == (conf.module, list(conf.layers))
     ed = Editor.from_pretrained(model, None, tokenizer=load_model(name)[1])
     assert list(ed.modules) == list(edit_modules(model, conf.module, list(conf.layers)))
@@ -275,7 +275,7 @@ def test_default_modules_for_the_large_configs():
     blocks = {"smollm2-135m-instruct": 30, "llama-3-8b-instruct": 32, "qwen2.5-7b-instruct": 28,
               "mistral-7b-instruct": 32}
     for name, n in blocks.items():
-        conf = OmegaConf.load(ROOT / "conf" / "model" / f"{name}.yaml").edit
+        conf = OmegaConf.load(ROOT / "chatedit" / "conf" / "model" / f"{name}.yaml").edit
         model = LlamaForCausalLM(LlamaConfig(hidden_size=8, intermediate_size=16, vocab_size=32,
                                              num_hidden_layers=n, num_attention_heads=2,
                                              num_key_value_heads=2))

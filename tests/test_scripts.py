@@ -65,7 +65,7 @@ def test_edit_script_trains_and_caches_a_quick_editor(tmp_path):
     second = run(*args, f"hydra.run.dir={tmp_path / 'b'}", cwd=tmp_path, env=env)
     assert "meta-training one" not in second  # cached
     rows = json.loads((tmp_path / "b" / "answers.json").read_text())
-    unrelated = OmegaConf.load(ROOT / "conf" / "edit.yaml").unrelated
+    unrelated = OmegaConf.load(ROOT / "chatedit" / "conf" / "edit.yaml").unrelated
     assert len(rows) == 2 + 2 + len(unrelated) and rows[0]["target"] == "Wang Chonghua"
     assert [r["prompt"] for r in rows if r["kind"] == "unrelated"] == list(unrelated)
 

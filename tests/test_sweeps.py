@@ -36,12 +36,21 @@ def test_joblib_sweep_runs_four_jobs_and_collect_tables_them(tmp_path):
     assert (sweep / "collect.png").exists()
 
 
-def test_slurm_launcher_resolves(tmp_path):
-    out = script("train.py", "hydra/launcher=slurm", "hydra.launcher.partition=gpu",
-                 "hydra.launcher.timeout_min=600", "--cfg", "hydra",
-                 cwd=tmp_path).stdout
-    assert "SlurmLauncher" in out and "partition: gpu" in out and "timeout_min: 600" in out
-    assert "gpus_per_node: 1" in out and "mem_gb: 64" in out
+def test_slurm_launcher_resolves():
+    """In process: the training config composed with the Slurm launcher preset."""
+    from hydra import compose, initialize_config_module
+
+    from chatedit.training.config import register
+
+    register()
+    with initialize_config_module("chatedit.conf", version_base="1.3"):
+        cfg = compose("config", overrides=["hydra/launcher=slurm",
+                                           "hydra.launcher.partition=gpu",
+                                           "hydra.launcher.timeout_min=600"],
+                      return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher") and launcher.partition == "gpu"
+    assert launcher.timeout_min == 600 and launcher.gpus_per_node == 1 and launcher.mem_gb == 64
 
 
 def test_sweep_runs_through_submitit_local_executor(tmp_path):

@@ -142,7 +142,7 @@ def test_prepared_data_is_kept_for_a_resume_and_loads_equal(tmp_path, monkeypatc
              for s in ("train", "validation")}
     path = tmp_path / run_module.PREPARED
     first = run_module.prepare(cfg, editor, facts, path)
-    assert path.exists() and first.edit[0][0]["captured"] and first.priors
+    assert path.exists() and first.edit[0]["captured"] and first.priors
     calls = []
     prepare_data = run_module.prepare_data
     monkeypatch.setattr(run_module, "prepare_data", lambda *a: calls.append(1) or

@@ -34,8 +34,8 @@ class EvalConfig(SuiteConfig):
                                      "are measured (on the first dataset)")
     max_n: dict = option({"unedited": None, "malmen-chat": None, "malmen-nq": None,
                           "mend": None, "ft": 128, "memit": 128, "alphaedit": 128},
-                         "per-method cap on N (null: none; FT's full-batch steps grow with N, "
-                         "MEMIT's value search costs ~8 s per fact on a 2-core CPU); "
+                         "per-method cap on N (null: none; FT's full-batch steps and MEMIT's "
+                         "value search grow with N); "
                          "a method added with +methods.x adds its cap with +eval.max_n.x")
     sequential: SequentialConfig = field(default_factory=SequentialConfig, metadata={
         "help": "batches > 0: the sequential protocol instead of N facts at once"})

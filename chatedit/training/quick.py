@@ -11,7 +11,7 @@ from ..files import cache_dir, digest
 from .config import register
 from .run import run
 
-CONF = Path(__file__).resolve().parents[2] / "conf"  # the toolkit's hydra config folder
+CONF = Path(__file__).resolve().parents[1] / "conf"  # the hydra configs, in the package
 
 # scripts/train.py overrides of the quick recipe
 QUICK = (

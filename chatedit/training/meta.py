@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
+from hypernet.solve import row_space_bytes
+
 from .. import checkpoint
 from ..chat import IGNORE, encode_pair, fact_row, fact_rows, sliced
 from ..editors import HyperMethod
@@ -363,8 +365,8 @@ def memory_estimate(model, modules: dict, hypernet, cached_rows: int, tokens_per
         "fp32 master": sum(m.weight.numel() * 4 for m in modules.values()) / gib,
         "hypernetwork": n_hyper * 4 * (4 if training else 1) / gib,
         "hypernetwork buffers": buffers / gib,
-        "solve": 8 * (rows * rows + 2 * rows * sum(kv_shape(m)[0] for m in modules.values()))
-        / gib if hypernet is not None else 0.0,
+        "solve": row_space_bytes(rows, [kv_shape(m)[0] for m in modules.values()]) / gib
+        if hypernet is not None else 0.0,
         "hidden cache (host)": cached_rows * tokens_per_row * model.config.hidden_size * 4 / gib,
         "captured cache (host)": captured_rows * key_rows_per_fact * row / gib,
         "edit batch": n_edits * key_rows_per_fact * row * 3 / gib,

@@ -36,6 +36,7 @@ from .text import check_text, exact_match, key
 from .timing import Laps, sync
 
 EDITS_FILE = "edits.safetensors"
+ROLES = ("system", "user", "assistant")  # the chat roles `Editor.chat` accepts
 MAX_SHIFT_RATIO = 10.0  # a loaded shift larger than this times its weights' norm is refused
 
 
@@ -184,7 +185,7 @@ class Editor:
 
         Overrides: dtype, device (loading by name); system (system prompt), answer_tokens;
         the method's options (its config dataclass): for a trained editor only the test-time
-        ones (step_scale, joint, hyper_chunk, solve_memory_gb), otherwise
+        ones (step_scale, joint, hyper_chunk, solve_memory_gb, out_mu, out_bins), otherwise
         any (FT: steps, lr; MEMIT / AlphaEdit: chatedit.memit); without a checkpoint, module
         and layers (default: the method's own, `MethodSpec.default_edit`).
         `strict=False` allows a checkpoint trained on a model of another name (same modules)."""
@@ -300,6 +301,11 @@ class Editor:
         the time for large batches. Atomic: on any error or interrupt (BaseException), before
         or after the shift is applied, the weights and `history` stay exactly as they were."""
         facts = check_facts(facts, self.history)
+        for i, f in enumerate(facts):  # stored in history and saved edits: no control tokens
+            for j, text in enumerate(f["rephrases"]):
+                check_text(text, f"fact {i}: rephrase {j}", self.tokenizer)
+            if f["subject"]:
+                check_text(f["subject"], f"fact {i}: subject", self.tokenizer)
         start = time.perf_counter()
         limit = getattr(self.model.config, "max_position_embeddings", None)
         rows = [self.lm.encode(f["prompt"], f["target"], f["subject"] or None, limit)
@@ -349,10 +355,23 @@ class Editor:
 
     @torch.no_grad()
     def chat(self, messages: list[dict], max_new_tokens: int = 64) -> str:
-        """The assistant's greedy reply to a conversation [{"role", "content"}, ...] (contents
-        holding the tokenizer's control tokens are refused, as in every other entry point)."""
-        messages = [{**m, "content": check_text(m.get("content"), f"message {i} content",
-                                                self.tokenizer)} for i, m in enumerate(messages)]
+        """The assistant's greedy reply to a conversation [{"role", "content"}, ...]: roles
+        are "system", "user" or "assistant"; any field holding one of the tokenizer's control
+        tokens is refused, as in every other entry point."""
+        if not isinstance(messages, list) or not messages:
+            raise ValueError(f"messages must be a non-empty list of {{role, content}} dicts, "
+                             f"got {messages!r}"[:200])
+        checked = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or set(m) - {"role", "content"}:
+                raise ValueError(f"message {i} must be a dict with only 'role' and 'content', "
+                                 f"got {m!r}"[:200])
+            if m.get("role") not in ROLES:
+                raise ValueError(f"message {i} has role {m.get('role')!r}; roles are "
+                                 f"{', '.join(ROLES)}")
+            checked.append({"role": m["role"], "content": check_text(
+                m.get("content"), f"message {i} content", self.tokenizer)})
+        messages = checked
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                                  return_tensors="pt", return_dict=True)
         ids = {k: v.to(next(self.model.parameters()).device) for k, v in ids.items()}
@@ -369,15 +388,31 @@ class Editor:
             self.model.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
 
-    def save_edits(self, folder) -> Path:
-        """Only the shifts of every applied batch (safetensors) and their metadata."""
+    def save_edits(self, folder, overwrite: bool = False) -> Path:
+        """Only the shifts of every applied batch (safetensors) and their metadata. Refused
+        with an empty history (nothing to save), and over an edits file that holds a batch
+        this editor's history does not (it would be lost) unless `overwrite`."""
+        if not self.history:
+            raise ValueError(f"no edits to save to {folder}: this editor's history is empty "
+                             "(edit or load_edits first); nothing was written")
+        path = check_folder(folder) / EDITS_FILE
+        if path.exists() and not overwrite:
+            _, meta = checkpoint.load(path, with_tensors=False)
+            ours = {(b.time, json.dumps(b.facts)) for b in self.history}
+            lost = [b for b in meta.get("batches") or []
+                    if (b.get("time"), json.dumps(b.get("facts"))) not in ours]
+            if lost:
+                raise FileExistsError(
+                    f"{path} holds {len(lost)} batch(es) of edits that this editor has not "
+                    f"applied (the first of {lost[0].get('time')}, "
+                    f"{len(lost[0].get('facts') or [])} facts); saving would lose them. "
+                    "load_edits it first, save elsewhere, or pass overwrite=True")
         tensors = {f"{i}.{n}": s for i, b in enumerate(self.history) for n, s in b.shifts.items()}
         tensors.update({f"{i}.stats.{n}": s for i, b in enumerate(self.history)
                         for n, s in b.stats.items()})
         meta = {"base_model": self.name, "fingerprint": self.fingerprint,
                 "modules": list(self.modules), "saved": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "batches": [{"facts": b.facts, "time": b.time} for b in self.history]}
-        path = check_folder(folder) / EDITS_FILE
         checkpoint.save(path, tensors, meta)
         return path
 
@@ -434,6 +469,8 @@ class Editor:
         from safetensors.torch import save_file
         from transformers.pytorch_utils import Conv1D
 
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"LoRA rank must be an integer >= 1, got {rank!r}; nothing written")
         if not self.history:
             raise ValueError("no edits to export")
         weights, errors = {}, {}

@@ -182,9 +182,11 @@ def _get(fact, key):
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 32,
-             batch_size: int = 16, system: str | None = None, progress: bool = False) -> list[str]:
+             batch_size: int = 16, system: str | None = None, progress: bool = False,
+             token_ids: bool = False) -> list:
     """Greedy answers to `prompts` (in their order), batched by length with left padding;
-    special tokens removed."""
+    special tokens removed. `token_ids`: each answer as its token ids instead, up to and
+    including the first end-of-sequence token."""
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
@@ -198,9 +200,14 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 32,
         batch = {k: v.to(device) for k, v in batch.items()}
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id)
-        new = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:],
-                                     skip_special_tokens=True)
-        for j, text in zip(chunk, new):
+        new = out[:, batch["input_ids"].shape[1]:]
+        if token_ids:
+            ends = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
+            for j, ids in zip(chunk, new.tolist()):
+                cut = next((i for i, t in enumerate(ids) if t in ends), len(ids) - 1)
+                answers[j] = ids[:cut + 1]
+            continue
+        for j, text in zip(chunk, tokenizer.batch_decode(new, skip_special_tokens=True)):
             answers[j] = text.strip()
     return answers
 
@@ -238,16 +245,13 @@ def conversations(tokenizer, facts, kind: str, system=None) -> list[dict]:
     return present(fact_row(tokenizer, f, kind, system) for f in facts)
 
 
-def fact_rows(tokenizer, facts, system=None) -> dict[str, list[dict | None]]:
-    """{kind: one row per fact (None where the fact has no rephrase / locality prompt)}:
-    aligned lists, so the first n facts are `sliced(rows, n)`."""
-    return {k: [fact_row(tokenizer, f, k, system) for f in facts] for k in KINDS}
-
-
 def present(rows) -> list:
     return [r for r in rows if r is not None]
 
 
 def sliced(rows: dict[str, list], n: int) -> dict[str, list]:
-    """The rows of the first n facts of aligned `fact_rows`, Nones dropped."""
-    return {k: present(r[:n]) for k, r in rows.items()}
+    """The rows of the first n facts of aligned rows (one entry per fact: a row, a list of
+    rows, or None), as one list per kind, Nones dropped."""
+    return {k: present(x for entry in r[:n]
+                       for x in (entry if isinstance(entry, list) else [entry]))
+            for k, r in rows.items()}

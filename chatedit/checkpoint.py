@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import safetensors.torch
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .files import atomic_file
@@ -24,17 +24,25 @@ def save(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict) -> None
 
 def load(path: str | Path, with_tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, meta) of a safetensors file ({} for tensors without `with_tensors`); never
-    unpickles. Errors name the path: missing, a folder, not a safetensors file (truncated,
-    random bytes, a pickle), unreadable meta."""
+    unpickles. The file is read once (header and tensors from the same bytes: a file renamed
+    over this path meanwhile cannot mix two files). Errors name the path: missing, a folder,
+    not a safetensors file (truncated, random bytes, a pickle), unreadable meta."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}")
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder; pass the .safetensors file inside it")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get("meta", "{}")
-            tensors = {k: f.get_tensor(k) for k in f.keys()} if with_tensors else {}
+        with open(path, "rb") as f:
+            data = f.read() if with_tensors else f.read(8)
+            size = int.from_bytes(data[:8], "little")
+            if len(data) < 8 or size > path.stat().st_size:
+                raise ValueError("truncated header")
+            if not with_tensors:
+                data += f.read(size)
+        header = json.loads(data[8:8 + size])
+        raw = (header.get("__metadata__") or {}).get("meta", "{}")
+        tensors = safetensors.torch.load(data) if with_tensors else {}
     except Exception as err:  # safetensors raises its own error types for broken files
         raise ValueError(f"{path} is not a readable safetensors file "
                          f"({type(err).__name__}: {err})") from None

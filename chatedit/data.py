@@ -1,7 +1,12 @@
 """Facts to edit (the prompt sets other than facts are in `chatedit.prompts`).
 
 Every editing format maps into one fact record (`FACT_FEATURES`):
-    id, prompt, target, ground_truth, subject, rephrases[], loc_prompts[], loc_answers[]
+    id, prompt, target, ground_truth, subject, rephrases[], loc_prompts[], loc_answers[],
+    loc_kind
+where `loc_kind` says what the locality prompts are (`LOC_KINDS`): "subject" (the same
+subject in another relation: KnowEdit's Relation_Specificity), "neighbour" (another subject
+in the same relation, whose true answer is the fact's old one: CounterFact's neighbourhood
+prompts), "nq" (unrelated questions: zsRE's NQ questions in the MEND format) or "" (unknown).
 Loaders return `datasets.Dataset`s. Datasets are selected by name (`FACT_DATASETS`), or
 given as a JSON/JSONL file or a hub dataset id in any known format.
 
@@ -11,10 +16,14 @@ Splits (fixed and seeded; see assets/README.md):
   occurs in the test file, split by groups of facts that share a subject or a prompt (so no
   fact and no subject is in two splits); a seeded shuffle of the groups fills validation
   with `val_size` facts (or a little more), the rest is train.
+zsRE's NQ questions are split too (`nq_probes`): a seeded 2 x `NQ_PROBES` of them are held
+out of training (their facts lose their locality prompt in train and validation), half the
+validation split's LS_NQ probes, half the test split's.
 """
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import random
@@ -37,7 +46,10 @@ FACT_FEATURES = datasets.Features({
     "rephrases": datasets.List(datasets.Value("string")),
     "loc_prompts": datasets.List(datasets.Value("string")),
     "loc_answers": datasets.List(datasets.Value("string")),
+    "loc_kind": datasets.Value("string"),
 })
+LOC_KINDS = ("subject", "neighbour", "nq", "")
+NQ_PROBES = 150  # held-out NQ questions per split (validation, test)
 
 # name -> {"train": file for train/validation, "test": test file} under assets/
 FACT_DATASETS = {
@@ -63,6 +75,7 @@ class Fact:
     loc_answers: list[str] = field(default_factory=list)
     ground_truth: str = ""
     id: str = ""
+    loc_kind: str = ""
 
     def __post_init__(self):
         """Validated and normalised once (`text.check_text`), for every entry point."""
@@ -77,6 +90,9 @@ class Fact:
                 raise ValueError(f"{where}: {name} must be a list of strings, got {value!r}")
         self.rephrases = [check_text(r, f"{where}: rephrase {j}")
                           for j, r in enumerate(self.rephrases)]
+        if self.loc_kind not in LOC_KINDS:
+            raise ValueError(f"{where}: loc_kind must be one of {LOC_KINDS}, got "
+                             f"{self.loc_kind!r}")
         if len(self.loc_prompts) != len(self.loc_answers):
             raise ValueError(f"{where}: {len(self.loc_prompts)} locality prompts but "
                              f"{len(self.loc_answers)} answers")
@@ -96,7 +112,7 @@ def _mend_zsre(r: dict) -> Fact:
     loc = r["loc"].removeprefix("nq question: ")
     loc = loc[:1].upper() + loc[1:] + ("" if loc.endswith("?") else "?")
     return Fact(prompt=r["src"], target=r["alt"], rephrases=[r["rephrase"]], subject=r["subject"],
-                loc_prompts=[loc], loc_answers=[r["loc_ans"]],
+                loc_prompts=[loc], loc_answers=[r["loc_ans"]], loc_kind="nq",
                 ground_truth=_first(r.get("answers") or [r.get("pred") or ""]))
 
 
@@ -107,7 +123,8 @@ def _knowedit(r: dict) -> Fact:
     pairs = [(x["prompt"], _first(x["ground_truth"])) for group in loc.values() for x in group]
     return Fact(prompt=r["prompt"], target=r["target_new"], rephrases=[r["rephrase_prompt"]],
                 subject=r.get("subject", ""), loc_prompts=[p for p, _ in pairs],
-                loc_answers=[a for _, a in pairs], ground_truth=_first(r.get("ground_truth", "")))
+                loc_answers=[a for _, a in pairs], ground_truth=_first(r.get("ground_truth", "")),
+                loc_kind="subject" if set(loc) <= {"Relation_Specificity"} else "")
 
 
 def _rome_counterfact(r: dict) -> Fact:
@@ -117,13 +134,13 @@ def _rome_counterfact(r: dict) -> Fact:
     return Fact(prompt=rw["prompt"].format(rw["subject"]), target=rw["target_new"]["str"],
                 rephrases=list(r.get("paraphrase_prompts") or []), subject=rw["subject"],
                 loc_prompts=list(neighbours), loc_answers=[true] * len(neighbours),
-                ground_truth=true, id=str(r.get("case_id", "")))
+                loc_kind="neighbour", ground_truth=true, id=str(r.get("case_id", "")))
 
 
 def _easyedit_counterfact(r: dict) -> Fact:
     return Fact(prompt=r["prompt"], target=r["target_new"], rephrases=[r["rephrase_prompt"]],
                 subject=r.get("subject", ""), loc_prompts=[r["locality_prompt"]],
-                loc_answers=[r["locality_ground_truth"]],
+                loc_answers=[r["locality_ground_truth"]], loc_kind="neighbour",
                 ground_truth=_first(r.get("ground_truth", "")), id=str(r.get("case_id", "")))
 
 
@@ -135,7 +152,7 @@ def _toolkit(r: dict) -> Fact:
             fact[k] = [fact[k]]
         elif fact.get(k) is None:
             fact.pop(k, None)
-    for k in ("subject", "ground_truth", "id"):
+    for k in ("subject", "ground_truth", "id", "loc_kind"):
         if fact.get(k) is None:
             fact.pop(k, None)
     return Fact(**fact)
@@ -253,6 +270,40 @@ def split_groups(facts: list[Fact], val_size: int, seed: int) -> tuple[list[Fact
     return [facts[i] for i in sorted(train)], [facts[i] for i in sorted(val)]
 
 
+def _training_file(name: str) -> list[Fact]:
+    """The facts of a named dataset's training file (fresh copies)."""
+    return as_facts(facts_dataset(read_records(ASSETS / FACT_DATASETS[name]["train"]), name,
+                                  skip_invalid=True))
+
+
+def nq_probes(split: str, seed: int = 0) -> list[tuple[str, str]]:
+    """zsRE's held-out NQ questions with their answers, for LS_NQ: `NQ_PROBES` for
+    "validation" and as many others for "test", drawn (seeded) from the distinct questions of
+    the zsRE training file; their facts keep no locality prompt in train and validation, so
+    no training loss ever sees them."""
+    if split not in ("validation", "test"):
+        raise ValueError(f"NQ probes exist for the validation and test splits, not {split!r}")
+    pairs = {}
+    for f in _training_file("zsre"):
+        if f.loc_kind == "nq":
+            pairs.setdefault(key(f.loc_prompts[0]), (f.loc_prompts[0], f.loc_answers[0]))
+    order = [pairs[k] for k in sorted(pairs)]
+    random.Random(seed).shuffle(order)
+    return order[:NQ_PROBES] if split == "test" else order[NQ_PROBES:2 * NQ_PROBES]
+
+
+@functools.cache
+def _held_out_questions() -> frozenset[str]:
+    return frozenset(key(q) for split in ("validation", "test") for q, _ in nq_probes(split))
+
+
+def _without_probes(fact: Fact) -> Fact:
+    """`fact` without its NQ locality prompt when that question is an LS_NQ probe."""
+    if fact.loc_kind == "nq" and key(fact.loc_prompts[0]) in _held_out_questions():
+        fact.loc_prompts, fact.loc_answers, fact.loc_kind = [], [], ""
+    return fact
+
+
 def load_facts(name_or_path: str, split: str = "train", val_size: int | Mapping = 128,
                seed: int = 0, limit: int | None = None) -> datasets.Dataset:
     """Facts of a named dataset (`FACT_DATASETS`), a JSON/JSONL file or a hub dataset.
@@ -278,10 +329,10 @@ def load_facts(name_or_path: str, split: str = "train", val_size: int | Mapping 
         if split == "test":
             facts = test
         else:
-            pool = as_facts(facts_dataset(read_records(ASSETS / files["train"]), name_or_path,
-                                          skip_invalid=True))
+            pool = _training_file(name_or_path)
             seen = {key(f.subject) for f in test if f.subject} | {key(f.prompt) for f in test}
             pool = [f for f in pool if key(f.subject) not in seen and key(f.prompt) not in seen]
+            pool = [_without_probes(f) for f in pool]
             train, val = split_groups(pool, val_size, seed)
             facts = train if split == "train" else val
     elif Path(name_or_path).suffix in (".json", ".jsonl", ".gz") or Path(name_or_path).exists():

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from hypernet import HyperNetwork, solve
 
 from .chat import IGNORE, encode_facts
-from .lm import ChatLM, capture, first_block, forward, row_chunks, wide
+from .lm import ChatLM, capture, first_block, forward, output_moments, row_chunks, wide
 from .methods import conform, option
 from .models import kv_shape, memory_budget, set_weight_kv, weight_kv
 
@@ -176,6 +176,13 @@ class HyperConfig:
                                            "solve that needs more is refused before it is "
                                            "built (null: half the memory available)",
                                            test_time=True)
+    out_mu: float = option(0.0, "weight mu_o of the output-side preservation term "
+                           "mu_o tr(S^T C S G), G the second moment of the loss gradients at the "
+                           "modules' outputs on the base model's own answers to instruction and "
+                           "harmful-request prompts (0: off; needs the key prior C)",
+                           test_time=True)
+    out_bins: int = option(8, "output directions grouped into this many solves (by their "
+                           "eigenvalue of G)", test_time=True)
 
 
 @dataclass
@@ -233,11 +240,19 @@ class HyperMethod(EditMethod):
 
     def __init__(self, model, tokenizer, modules, hypernet: HyperNetwork, system=None,
                  chunk_size: int = 128, hyper_chunk: int = 1024, step_scale: float = 1.0,
-                 joint: bool = True, solve_memory_gb: float | None = None):
+                 joint: bool = True, solve_memory_gb: float | None = None,
+                 out_mu: float = 0.0, out_bins: int = 8):
         super().__init__(model, tokenizer, modules, system)
         self.hypernet, self.chunk_size, self.hyper_chunk = hypernet, chunk_size, hyper_chunk
         self.step_scale, self.joint = step_scale, joint and hypernet.solves
         self.solve_memory_gb = solve_memory_gb
+        if out_mu < 0 or out_bins < 1:
+            raise ValueError(f"out_mu must be >= 0 and out_bins >= 1, got {out_mu}, {out_bins}")
+        if out_mu and not hypernet.has_prior:
+            raise ValueError("out_mu (output-side preservation) needs an editor trained with "
+                             "the key prior (editor.prior=true)")
+        self.out_mu, self.out_bins = out_mu, out_bins
+        self.output_moments: dict[str, torch.Tensor] | None = None  # G per module, when used
 
     @classmethod
     def from_config(cls, model, tokenizer, modules, config: HyperConfig, system=None,
@@ -258,7 +273,8 @@ class HyperMethod(EditMethod):
         hypernet.to(next(model.parameters()).device)
         return cls(model, tokenizer, modules, hypernet, system, hyper_chunk=config.hyper_chunk,
                    step_scale=config.step_scale, joint=config.joint,
-                   solve_memory_gb=config.solve_memory_gb)
+                   solve_memory_gb=config.solve_memory_gb, out_mu=config.out_mu,
+                   out_bins=config.out_bins)
 
     def capture(self, batch):
         """Keys and value gradients of all facts, captured `chunk_size` facts at a time."""
@@ -298,40 +314,84 @@ class HyperMethod(EditMethod):
             stats.update({f"{n}:rows": torch.tensor([k.shape[0]], dtype=torch.float64)
                           for n, k in zip(group, keys)})
             stats[f"{group[0]}:values"] = values.float().cpu()
-            if not joint:  # the first batch: its own solve, as for any single edit
-                runs[group[0]] = solve.start(keys, values, budget=budget, **hn.weights(group))
-                new = runs[group[0]].shifts
-            else:
-                runs[group[0]], new = self.add(group, earlier, (state or {}).get(group[0]),
-                                               keys, values, budget)
-            shifts.update({n: self.step_scale * s.to(values.dtype) for n, s in zip(group, new)})
+            parts = self.solves(group)
+            kept = (state or {}).get(group[0]) or [None] * len(parts)
+            runs[group[0]], total = [], [0.0] * len(group)
+            for (weights, basis), run in zip(parts, kept):
+                part = values if basis is None else values.to(basis) @ basis
+                if not joint:  # the first batch: its own solve, as for any single edit
+                    run = solve.start(keys, part, budget=budget // len(parts), **weights)
+                    new = run.shifts
+                else:
+                    run, new = self.add(group, earlier, run, keys, part, budget // len(parts),
+                                        weights, basis)
+                runs[group[0]].append(run)
+                total = [t + (s if basis is None else s @ basis.T) for t, s in zip(total, new)]
+            shifts.update({n: self.step_scale * s.to(values.dtype) for n, s in zip(group, total)})
             lap("solve")
         return Shifts(shifts, stats, runs) if self.joint else Shifts(shifts)
 
+    def solves(self, group) -> list[tuple[dict, torch.Tensor | None]]:
+        """The solves of `group`: [(weights, U_b)]: one with the learned weights (U_b None),
+        or with output-side preservation (`out_mu`) one per bin of output directions (U_b:
+        their eigenvectors of G, d_v x m_b), its mus raised by out_mu x the bin's level
+        (`hypernet.solve.output_bins`)."""
+        weights = self.hypernet.weights(group)
+        if not self.out_mu:
+            return [(weights, None)]
+        if self.output_moments is None:
+            with self.unedited():
+                self.output_moments = preservation_moments(self)
+        g = sum(self.output_moments[n] for n in group) / len(group)
+        basis, bins, levels = solve.output_bins(g, self.out_bins)
+        return [({**weights, "mus": [mu + self.out_mu * level for mu in weights["mus"]]},
+                 basis[:, b]) for b, level in zip(bins, levels)]
+
     @torch.no_grad()
-    def add(self, group, earlier, run, keys, values, budget):
+    def add(self, group, earlier, run, keys, values, budget, weights, basis=None):
         """(the running solve of `group` over the rows of `earlier` and these, this batch's
         change of its S_l): `run` updated in place where given (`Shifts.state` of exactly
-        `earlier`), else the earlier rows' solve rebuilt from their statistics; where the
-        update is not positive definite, every row solved again."""
-        hn = self.hypernet
-
+        `earlier`), else the earlier rows' solve rebuilt from their statistics (their values
+        times `basis` where given, as `values` are); where the update is not positive
+        definite, every row solved again."""
         def earlier_rows():
             keys_ = [torch.cat([b[f"{n}:keys"] for b in earlier]).to(k) for n, k in
                      zip(group, keys)]
-            return keys_, torch.cat([b[f"{group[0]}:values"] for b in earlier]).to(values)
+            old = torch.cat([b[f"{group[0]}:values"] for b in earlier]).to(values)
+            return keys_, old if basis is None else old @ basis
 
         if run is None:
-            run = solve.start(*earlier_rows(), budget=budget, **hn.weights(group))
+            run = solve.start(*earlier_rows(), budget=budget, **weights)
         try:
             return solve.add(run, keys, values, budget)
         except FloatingPointError:
             old_keys, old_values = earlier_rows()
             old = [s.clone() for s in run.shifts]
             every = solve.start([torch.cat(p) for p in zip(old_keys, keys)],
-                                torch.cat([old_values, values]), budget=budget,
-                                **hn.weights(group))
+                                torch.cat([old_values, values]), budget=budget, **weights)
             return every, [s - o.to(s) for s, o in zip(every.shifts, old)]
+
+
+def preservation_moments(method: HyperMethod, n: int = 160, tokens: int = 40) -> dict:
+    """`lm.output_moments` of `method`'s modules on the base model's own greedy answers
+    (cached on disk) to the first `n` instruction and `n` harmful-request prompts of their
+    train splits (the conversations meta-training's locality uses: `prompts.SOURCES`);
+    computed once per loaded model, modules and system prompt (kept on the model object;
+    call it with the weights unedited)."""
+    from .prompts import base_responses, conversation_rows
+
+    kept = method.model.__dict__.setdefault("_chatedit_output_moments", {})
+    key = (tuple(method.modules), method.system, n, tokens)
+    if key in kept:
+        return kept[key]
+    rows = []
+    for source in ("instruction", "harmful"):
+        pairs = base_responses(method.model, method.tokenizer, source, n, tokens, 400,
+                               method.system)
+        rows += conversation_rows(method.tokenizer, pairs, method.system)
+    kept[key] = output_moments(method.model, method.tokenizer, rows, method.modules,
+                               method.first)
+    return kept[key]
 
 
 @dataclass

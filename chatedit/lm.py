@@ -46,9 +46,9 @@ class ChatLM:
         return encode_pair(self.tokenizer, prompt, answer, self.system, max_length, subject)
 
     def generate(self, prompts: list[str], max_new_tokens: int = 32, batch_size: int = 16,
-                 progress: bool = False) -> list[str]:
+                 progress: bool = False, token_ids: bool = False) -> list:
         return generate(self.model, self.tokenizer, prompts, max_new_tokens, batch_size,
-                        self.system, progress)
+                        self.system, progress, token_ids)
 
     def with_hidden(self, rows, batch_size: int = 32, progress: bool = False):
         return with_hidden(self.model, self.tokenizer, rows, self.first, batch_size, progress)
@@ -68,6 +68,9 @@ class ChatLM:
     def predictions(self, rows, batch_size: int = 32, confidence: bool = False):
         return predictions(self.model, self.tokenizer, rows, self.first, batch_size,
                            confidence)
+
+    def answer_nll(self, rows, batch_size: int = 32) -> list:
+        return answer_nll(self.model, self.tokenizer, rows, self.first, batch_size)
 
 
 def padded(model, tokenizer, rows: list[dict], side: str = "right") -> dict:
@@ -348,6 +351,24 @@ def key_moments(model, tokenizer, rows: list[dict], modules: dict, first: int | 
     return {n: s / count for n, s in sums.items()}
 
 
+def output_moments(model, tokenizer, rows: list[dict], modules: dict, first: int | None = None,
+                   batch_size: int = 32, progress: bool = False) -> dict[str, torch.Tensor]:
+    """{name: G = mean of delta delta^T (d_v x d_v, float64)} over the value gradients delta
+    of the rows' summed cross-entropy at each module's output, at the positions that predict
+    a label: which output directions the rows' answers depend on (the output side of a
+    preservation term, `hypernet.solve.output_bins`)."""
+    sums, count = {}, 0
+    for _, batch in by_length(model, tokenizer, rows, batch_size, "output moments", progress):
+        captured, _ = capture(model, modules, batch, first)
+        for name, (_, delta) in captured.items():
+            delta = delta.double()
+            sums[name] = sums.get(name, 0) + delta.T @ delta
+        count += next(iter(captured.values()))[1].shape[0]
+    if count == 0:
+        raise ValueError("output_moments needs rows with at least one label token")
+    return {n: s / count for n, s in sums.items()}
+
+
 def stack_captured(rows: list[dict], device) -> tuple[dict, torch.Tensor]:
     """`capture`'s output for a batch of rows that carry `captured` (from `with_capture`)."""
     names = rows[0]["captured"]
@@ -414,6 +435,21 @@ def predictions(model, tokenizer, rows, first=None, batch_size: int = 32,
             end = int(keep.sum()) - int(bool(rows[j].get("eot")))
             out[j] = (pred[keep][:end], labels[keep][:end]) + (
                 (top[keep][:end],) if confidence else ())
+    return out
+
+
+@torch.no_grad()
+def answer_nll(model, tokenizer, rows, first=None, batch_size: int = 32) -> list:
+    """Per row, the mean negative log-likelihood of its answer tokens (the positions of
+    `predictions`), in the rows' order (None for a None row)."""
+    out = [None] * len(rows)
+    for idx, batch in by_length(model, tokenizer, rows, batch_size, "nll", False):
+        logits, labels, row = forward(model, batch, first)
+        nll = F.cross_entropy(logits, labels, reduction="none")
+        for b, j in enumerate(idx):
+            keep = row == b
+            end = int(keep.sum()) - int(bool(rows[j].get("eot")))
+            out[j] = nll[keep][:end].mean().item()
     return out
 
 

@@ -4,8 +4,11 @@
   instructions, hh-rlhf harmful requests and zsRE's unrelated NQ questions (`SOURCES`), used
   by the locality losses (train), the safety test bed (train) and the drift measurement
   (test).
-- Benchmark prompts (evaluation only): IFEval, AdvBench, XSTest. Every conversation source
-  drops them (`_evaluation_prompts`), which is why they are loaded here, in one place.
+- Benchmark prompts (evaluation only): IFEval, AdvBench, XSTest, and the everyday chat
+  prompts of the locality panel (`load_everyday`). Every conversation source drops them
+  (`_evaluation_prompts`), which is why they are loaded here, in one place.
+- Same-subject questions (`subject_prompts`, `subject_rows`): a fact's subject asked about
+  in another relation, from the relation templates of zsRE's training split.
 - `base_responses` / `responses`: a model's greedy answers to such prompts, cached on disk
   per model fingerprint (JSON, atomic write); `conversation_rows` encodes them.
 """
@@ -30,7 +33,8 @@ from .text import key
 def _evaluation_prompts() -> frozenset[str]:
     """Normalised IFEval, AdvBench and XSTest prompts: kept out of every training source
     (read once per process)."""
-    prompts = [*load_ifeval()["prompt"], *load_advbench()["goal"], *load_xstest(None)["prompt"]]
+    prompts = [*load_ifeval()["prompt"], *load_advbench()["goal"], *load_xstest(None)["prompt"],
+               *load_everyday("all")["prompt"]]
     return frozenset(key(p) for p in prompts)
 
 
@@ -104,6 +108,25 @@ def load_xstest(label: str | None = "safe", limit: int | None = None) -> dataset
     return datasets.Dataset.from_list(rows[:limit])
 
 
+EVERYDAY_SPLITS = {"test": 140, "validation": 100}  # of the 240 everyday prompts
+
+
+def load_everyday(split: str = "test", seed: int = 0) -> datasets.Dataset:
+    """Ordinary chat prompts (arithmetic, translation, writing, common facts, coding, ...;
+    written for this toolkit, never trained on): id, category, prompt. A seeded split into
+    "test" (140) and "validation" (100); "all" is the 240 in file order."""
+    rows = read_records(ASSETS / "everyday" / "prompts.jsonl")
+    if split != "all":
+        if split not in EVERYDAY_SPLITS:
+            raise ValueError(f"unknown everyday split {split!r}; choose test, validation or all")
+        order = list(range(len(rows)))
+        random.Random(seed).shuffle(order)
+        n_test = EVERYDAY_SPLITS["test"]
+        picked = order[:n_test] if split == "test" else order[n_test:]
+        rows = [rows[i] for i in sorted(picked)]
+    return datasets.Dataset.from_list(rows)
+
+
 def load_questions(split: str = "train") -> dict:
     """zsRE's unrelated NQ questions (one per fact of `split`), as prompts."""
     return {"prompt": [f["loc_prompts"][0] for f in load_facts("zsre", split) if f["loc_prompts"]]}
@@ -145,6 +168,42 @@ def responses(model, tokenizer, prompts: list[str], max_new_tokens: int, system,
     pairs = [{"prompt": p, "response": r} for p, r in zip(prompts, answers) if r.strip()]
     write_json(path, pairs)
     return pairs
+
+
+def relation_templates(facts) -> list[str]:
+    """The facts' questions with their subject replaced by "{}" (sorted, distinct)."""
+    def template(f):
+        subject = f["subject"]
+        return f["prompt"].replace(subject, "{}") if subject and subject in f["prompt"] else None
+
+    return sorted({t for t in map(template, facts) if t})
+
+
+def subject_prompts(facts, seed: int = 0, templates: list[str] | None = None) -> list:
+    """Per fact, a question about its subject in another relation: a relation template
+    (`templates`, by default those of `facts` themselves) other than the fact's own, filled
+    with its subject (None when the fact has no subject or no other template applies)."""
+    templates = relation_templates(facts) if templates is None else templates
+    rng = random.Random(seed)
+    out = []
+    for f in facts:
+        own = f["prompt"].replace(f["subject"], "{}") if f["subject"] else None
+        others = [t for t in rng.sample(templates, min(4, len(templates))) if t != own]
+        out.append(others[0].replace("{}", f["subject"]) if f["subject"] and others else None)
+    return out
+
+
+def subject_rows(model, tokenizer, facts, max_new_tokens: int, system=None, seed: int = 0,
+                 templates: list[str] | None = None) -> list[dict | None]:
+    """Per fact, its `subject_prompts` question answered by `model` greedily (cached), as
+    an encoded row; None where the fact has no such question or the answer is empty."""
+    prompts = subject_prompts(facts, seed, templates)
+    asked = [p for p in prompts if p]
+    name = f"subject-{digest([asked, max_new_tokens, system or 'default'])}"
+    pairs = responses(model, tokenizer, asked, max_new_tokens, system, name)
+    answer = {p["prompt"]: p["response"] for p in pairs}
+    return [encode_pair(tokenizer, p, answer[p], system) if p in answer else None
+            for p in prompts]
 
 
 def conversation_rows(tokenizer, pairs: list[dict], system=None) -> list[dict]:

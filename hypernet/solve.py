@@ -17,6 +17,13 @@ so one module gives the ridge solve S = (K^T K + R)^-1 K^T D. Backward, with G_l
     dL/dD = g = B^-1 sum_l K_l R_l^-1 G_l,       M_l = R_l^-1 (G_l - K_l^T g),
     dL/dlog(lam_l) = -lam_l <M_l, S_l>,           dL/dlog(mu_l) = -mu_l <M_l, C_l S_l>.
 
+Output-side preservation (`output_bins`): a penalty mu_o tr(S_l^T C_l S_l G) with G the
+second moment of the loss gradients at the modules' outputs on text whose answers must be
+kept (which output directions those answers depend on). With G = U diag(g) U^T the solve
+splits by output direction: column j of S_l U solves the same problem with
+mu_l -> mu_l + mu_o g_j. The directions are grouped into bins of similar g (one solve per bin,
+at the bin's mean g): D U's columns of a bin are solved together, S_l = sum_b S_lb U_b^T.
+
 Everything is float64: B's condition number grows with the rows, and a float32 Cholesky
 that succeeds can still be inexact. A matrix that is not positive definite even so raises
 FloatingPointError.
@@ -175,6 +182,23 @@ def diagnostics(keys: list, values, lams, priors=None, mus=None) -> dict[str, fl
     fit = sum(k @ s for k, s in zip(factor.keys, shifts))
     return {"residual": ((fit - d).norm() / d.norm().clamp_min(1e-30)).item(),
             "leverage": leverage(factor)}
+
+
+def output_bins(g: torch.Tensor, n_bins: int) -> tuple[torch.Tensor, list[torch.Tensor],
+                                                       list[float]]:
+    """(U, [column indices of U per bin], [level per bin]) for an output second moment G
+    (d_v x d_v): its eigenvectors U, the eigen-directions in `n_bins` bins of equal size by
+    eigenvalue, each bin's level the mean of its eigenvalues, the eigenvalues scaled to a
+    mean of 1 (so the penalty's weight is on the key prior's scale)."""
+    if g.ndim != 2 or g.shape[0] != g.shape[1] or not bool(torch.isfinite(g).all()):
+        raise ValueError(f"an output moment must be a finite square matrix, got {tuple(g.shape)}")
+    if n_bins < 1:
+        raise ValueError(f"output bins must be at least 1, got {n_bins}")
+    values, vectors = torch.linalg.eigh(g.to(F64))
+    values = values.clamp_min(0)
+    values = values / values.mean().clamp_min(1e-300)
+    bins = list(torch.argsort(values).chunk(min(n_bins, g.shape[0])))
+    return vectors, bins, [values[b].mean().item() for b in bins]
 
 
 # ------------------------------------------------------------------ rows in turn

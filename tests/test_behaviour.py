@@ -102,7 +102,7 @@ def test_eval_config_gives_behaviour_suite_its_arguments(overrides):
         assert cfg.ifeval.limit == 7 and cfg.max_new_tokens == 9
     if "eval=full" in overrides:
         assert cfg.ifeval.limit is None and cfg.xstest.limit is None
-    assert OmegaConf.structured(SuiteConfig).ifeval.limit == 100
+    assert OmegaConf.structured(SuiteConfig).ifeval.limit is None  # all prompts
 
 
 def test_ifeval_language_check_scores_the_same_every_time():

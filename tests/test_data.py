@@ -145,7 +145,7 @@ def test_locality_prompt_loaders():
 
 
 def test_subject_prompts_ask_about_the_same_subject_in_another_relation():
-    from chatedit.training.locality import subject_prompts
+    from chatedit.prompts import subject_prompts
 
     facts = list(load_facts("zsre", "train"))
     prompts = subject_prompts(facts)

@@ -7,7 +7,8 @@ from chatedit.chat import encode_facts, encode_pair, pad
 from chatedit.editors import FineTune, HyperMethod
 from chatedit.lm import (capture, first_block, forward, logits_before, stack_captured, with_capture,
                        with_final, with_hidden)
-from chatedit.chat import fact_rows
+from chatedit.chat import sliced
+from chatedit.evaluation.panel import panel_rows
 from chatedit.evaluation.metrics import edit_metrics
 from chatedit.lm import predictions
 from chatedit.models import edit_modules, kv_shape, load_model, to_kv, weight_kv
@@ -178,12 +179,13 @@ def test_a_bad_shift_leaves_the_weights_untouched(setup):
 @pytest.mark.parametrize("setup", ["tiny-llama"], indirect=True)
 def test_larger_step_edits_more_and_ft_lowers_the_edit_loss(setup):
     _, model, tok, modules = setup
-    rows = fact_rows(tok, [{**f, "rephrases": [f["prompt"] + " Answer briefly."],
-                            "loc_prompts": ["Tell me a joke."], "loc_answers": ["No."]}
-                           for f in FACTS])
+    rows = sliced(panel_rows(model, tok, [
+        {**f, "rephrases": [f["prompt"] + " Answer briefly."], "subject": "",
+         "loc_prompts": ["Tell me a joke."], "loc_answers": ["No."], "loc_kind": "subject"}
+        for f in FACTS]), len(FACTS))
     small = edit_metrics(hyper_editor(model, tok, modules, "malmen", lr=1e-6), rows)
     large = edit_metrics(hyper_editor(model, tok, modules, "malmen", lr=1e3), rows)
-    assert large["ES"] > small["ES"] and small["LS"] >= large["LS"]
+    assert large["ES"] > small["ES"] and small["LS_subject"] >= large["LS_subject"]
     batch = encode_facts(tok, FACTS)
     ft = FineTune(model, tok, modules, steps=10, lr=1e-2)
     loss = lambda: F.cross_entropy(*forward(model, batch)[:2]).item()  # noqa: E731

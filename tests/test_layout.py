@@ -139,7 +139,8 @@ def test_registry_lists_builtin_methods_with_help_and_rejects_unknown_options():
     malmen = get_method("malmen")
     assert malmen.meta_trained and not get_method("ft").meta_trained
     assert all(help_lines(malmen.config).values()), "every option has a help line"
-    assert {"step_scale", "joint", "hyper_chunk", "solve_memory_gb"} == malmen.test_time
+    assert {"step_scale", "joint", "hyper_chunk", "solve_memory_gb", "out_mu", "out_bins"} == \
+        malmen.test_time
     assert malmen.config_from({"rank": 8}).rank == 8
     with pytest.raises(TypeError, match=r"unknown option\(s\) \['rnak'\]"):
         malmen.config_from(rnak=8)

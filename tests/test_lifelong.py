@@ -7,6 +7,7 @@ import torch
 
 import hypernet.solve
 from chatedit import Editor
+from chatedit.chat import encode_facts
 from chatedit.editors import HyperMethod
 from chatedit.models import edit_modules, kv_shape, load_model
 from hypernet import HyperNetwork
@@ -85,7 +86,7 @@ def test_a_coupled_sequence_past_the_keys_width_equals_one_joint_edit(tmp_path, 
     turns = malmen_editor(dtype)
     for i in range(0, 120, 40):
         turns.edit(facts[i:i + 40], check=False)
-    (run,) = turns._solved[1].values()
+    ((run,),) = turns._solved[1].values()  # one solve group, one solve
     assert run.rows > 512 and run.inverse is not None
     turns.save_edits(tmp_path / "edits")
     later = malmen_editor(dtype)
@@ -123,8 +124,9 @@ def test_the_api_and_the_evaluation_edit_2000_facts_to_the_same_weights():
     """One path: the API's edit and the evaluation's (`edit_metrics`, which sorts the rows by
     length) of the same 2,000 facts, far more key rows than p = 512, give the same weights
     (both through the key-space solve)."""
-    from chatedit.chat import fact_rows
+    from chatedit.chat import sliced
     from chatedit.evaluation.metrics import edit_metrics
+    from chatedit.evaluation.panel import panel_rows
 
     facts = [{"prompt": f"Which river flows past the mill of town {i}?",
               "target": f"River {i % 97} of {i}", "rephrases": [], "loc_prompts": [],
@@ -132,14 +134,51 @@ def test_the_api_and_the_evaluation_edit_2000_facts_to_the_same_weights():
              for i in range(2000)]
     api = malmen_editor()
     api.edit(facts, check=False)
-    (run,) = api._solved[1].values()
+    ((run,),) = api._solved[1].values()  # one solve group, one solve
     assert run.rows > 10 * 512 and run.inverse is not None
     applied = {n: m.weight.detach().clone() for n, m in api.modules.items()}
     evaluation = malmen_editor()
     seen = {}
-    edit_metrics(evaluation.method, fact_rows(evaluation.tokenizer, facts),
+    rows = panel_rows(evaluation.model, evaluation.tokenizer, facts)
+    edit_metrics(evaluation.method, sliced(rows, len(facts)),
                  extra=lambda: seen.update({n: m.weight.detach().clone()
                                             for n, m in evaluation.modules.items()}) or {})
     for name, w in applied.items():
         base = evaluation.method.master[name].T
         assert ((seen[name] - w).norm() / (w - base).norm()).item() < 1e-4, name
+
+
+def test_output_side_preservation_solves_the_penalised_problem_and_stays_joint():
+    """With `out_mu` and one bin per output direction, the shift zeroes the gradient of
+        ||K S - D||^2 + tr(S^T R S) + mu_o tr(S^T C S G~),   G~ = G / mean eig(G),
+    (K = [K_1 K_2], R and C block-diagonal over the two modules of the solve), and batches
+    edited in turn still equal one edit of all."""
+    g = torch.randn(64, 80, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    g = g @ g.T / 80
+
+    def preserving(out_bins=64):
+        ed = malmen_editor()
+        ed.method.out_mu, ed.method.out_bins = 30.0, out_bins
+        ed.method.output_moments = {n: g for n in ed.modules}
+        return ed
+
+    ed = preserving()
+    out = ed.method.compute_shifts(encode_facts(ed.tokenizer, FACTS))
+    names = list(ed.modules)
+    k = torch.cat([out.stats[f"{n}:keys"] for n in names], 1).double()
+    d = out.stats[f"{names[0]}:values"].double()
+    weights = ed.method.hypernet.weights(names)
+    r = torch.block_diag(*(lam * torch.eye(256, dtype=torch.float64) + mu * c.double()
+                           for lam, c, mu in zip(*weights.values())))
+    c = torch.block_diag(*(prior.double() for prior in weights["priors"]))
+    s = torch.cat([out.shifts[n].double() for n in names]) / ed.method.step_scale
+    g_tilde = g / torch.linalg.eigvalsh(g).mean()
+    grad = k.T @ (k @ s - d) + r @ s + 30.0 * c @ s @ g_tilde
+    assert (grad.norm() / (k.T @ d).norm()).item() < 1e-6
+    plain = malmen_editor().method.compute_shifts(encode_facts(ed.tokenizer, FACTS)).shifts
+    assert all((plain[n] - out.shifts[n]).norm() > 1e-3 * plain[n].norm() for n in names)
+    once, turns = preserving(4), preserving(4)  # fewer bins: the joint solve keeps them
+    once.edit(FACTS, check=False)
+    for i in range(0, len(FACTS), 4):
+        turns.edit(FACTS[i:i + 4], check=False)
+    assert relative(turns.total_shift(), once.total_shift()) < 1e-4

@@ -8,7 +8,8 @@ from chatedit.chat import IGNORE, encode_facts, encode_pair
 from chatedit.data import load_facts
 from chatedit.editors import HyperMethod, MalmenConfig, build_hypernet, hypernet_bytes
 from chatedit.lm import capture
-from chatedit.chat import fact_rows
+from chatedit.chat import sliced
+from chatedit.evaluation.panel import panel_rows
 from chatedit.evaluation.metrics import edit_metrics, strict
 from chatedit.lm import predictions
 from chatedit.models import edit_modules, load_model
@@ -133,8 +134,8 @@ def test_edit_metrics_count_answer_tokens_only(tiny):
         assert tok.decode(labels).strip() == row_target(tok, row)
     assert strict([(torch.tensor([1, 2]), torch.tensor([1, 2])),
                    (torch.tensor([1, 3]), torch.tensor([1, 2]))]) == 0.5
-    metrics = edit_metrics(editor_for(tiny), fact_rows(tok, facts[:5]))
-    assert {"ES", "ES_strict", "GS", "GS_strict", "LS"} <= set(metrics)
+    metrics = edit_metrics(editor_for(tiny), sliced(panel_rows(model, tok, facts[:5]), 5))
+    assert {"ES", "ES_strict", "GS", "GS_strict", "LS_subject"} <= set(metrics)
     assert metrics["ES_strict"] <= metrics["ES"]
 
 
@@ -145,19 +146,20 @@ def test_locality_by_the_unedited_models_confidence(tiny):
     before = [(t([1, 2, 3]), t([0, 0, 0]), t([0.1, 0.6, 0.9])), (t([4]), t([0]), t([1.0]))]
     after = [(t([1, 5, 3]), t([0, 0, 0])), (t([7]), t([0]))]
     out = agreement_by_confidence(after, before)
-    assert out["tokens_p<0.25"] == 0.25 and out["LS_p<0.25"] == 1.0
-    assert out["tokens_p<0.5"] == 0.0 and "LS_p<0.5" not in out
-    assert out["LS_p<0.75"] == 0.0 and out["tokens_p<1"] == 0.5 and out["LS_p<1"] == 0.5
+    assert out["tokens_p<0.25"] == 0.25 and out["LS_subject_p<0.25"] == 1.0
+    assert out["tokens_p<0.5"] == 0.0 and "LS_subject_p<0.5" not in out
+    assert out["LS_subject_p<0.75"] == 0.0 and out["tokens_p<1"] == 0.5
+    assert out["LS_subject_p<1"] == 0.5
     # on a real edit: the unedited argmax is unchanged by asking for its confidence, and
     # the bins cover every locality token
     model, tok, modules, facts = tiny
     ed = editor_for(tiny)
     perturbed(ed.hypernet)
-    rows = fact_rows(tok, facts[:6])
-    loc = [r for r in rows["loc"] if r is not None]
-    before = ed.lm.predictions(loc, confidence=True)
-    assert all(torch.equal(b[0], p[0]) for b, p in zip(before, ed.lm.predictions(loc)))
-    out = edit_metrics(ed, rows, before=before)
+    rows = sliced(panel_rows(model, tok, facts[:6]), 6)
+    before = ed.lm.predictions(rows["subject"], confidence=True)
+    assert all(torch.equal(b[0], p[0])
+               for b, p in zip(before, ed.lm.predictions(rows["subject"])))
+    out = edit_metrics(ed, rows, before={"subject": before})
     shares = [out[k] for k in out if k.startswith("tokens_p<")]
     assert len(shares) == 4 and abs(sum(shares) - 1) < 1e-6
 
@@ -187,7 +189,7 @@ def test_lever_sweep_changes_one_lever_at_a_time_and_restores_the_editor(tiny):
     ed = editor_for(tiny)
     perturbed(ed.hypernet)
     before = {n: m.weight.detach().clone() for n, m in modules.items()}
-    rows = fact_rows(tok, facts[:6])
+    rows = panel_rows(model, tok, facts[:6])
     seen = []
     out = lever_sweep(ed, rows, [4], {"step_scale": [1.0, 2.0, 3.0]},
                       lambda recs: seen.append(len(recs)))
@@ -196,7 +198,7 @@ def test_lever_sweep_changes_one_lever_at_a_time_and_restores_the_editor(tiny):
     assert [(r["changed"], r["step_scale"]) for r in out] == [
         (None, 1.0), ("step_scale", 2.0), ("step_scale", 3.0)]
     assert ed.step_scale == 1.0
-    assert all("tokens_p<1" in r for r in out)  # LS by the unedited model's confidence too
+    assert all("tokens_p<1" in r for r in out)  # LS_subject by the unedited model's confidence
     for n, m in modules.items():
         assert torch.equal(m.weight, before[n])
     # a doubled step size doubles the shift (S is linear in D)

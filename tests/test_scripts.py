@@ -11,6 +11,10 @@ from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# the per-fact locality of each test set: same-subject prompts (KnowEdit), neighbourhood
+# prompts (CounterFact)
+PANEL = {"zsre": ("LS_subject",), "counterfact": ("LS_neighbour", "NS")}
+
 
 def run(*args, cwd, env=None):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
@@ -137,7 +141,8 @@ def test_evaluate_script_on_tiny_llama(tmp_path, tiny_llama_checkpoint):
     for method, ns in (("unedited", (1, 8)), ("ft", (1, 8)), ("malmen-chat", (1,))):
         for dataset in ("zsre", "counterfact"):
             for n in ns:
-                for metric in ("ES", "GS", "ES_gen", "GS_gen", "LS"):
+                for metric in ("ES", "GS", "ES_gen", "GS_gen", "LS_NQ", "chat_8", "chat_32",
+                               *PANEL[dataset]):
                     assert 0 <= value[(method, dataset, n, metric)] <= 1
         # behaviour metrics only where asked: N = 8 on the first dataset
         assert ((method, "zsre", 8, "ifeval_prompt_strict") in value) == (8 in ns)
@@ -148,7 +153,9 @@ def test_evaluate_script_on_tiny_llama(tmp_path, tiny_llama_checkpoint):
               and k[3].startswith("tokens_p<")]  # LS by the unedited model's confidence
     assert len(shares) == 4 and sum(shares) == pytest.approx(1.0)
     # the unedited model agrees with itself and does not drift
-    assert value[("unedited", "zsre", 8, "LS")] == 1.0
+    for metric in ("LS_subject", "LS_NQ", "chat_8", "chat_32"):
+        assert value[("unedited", "zsre", 8, metric)] == 1.0
+    assert value[("unedited", "counterfact", 8, "LS_neighbour")] == 1.0
     assert value[("unedited", "zsre", 8, "kl_instruction")] == 0.0
     assert value[("ft", "zsre", 8, "kl_instruction")] > 0.0
     assert value[("ft", "zsre", 8, "ES")] > value[("unedited", "zsre", 8, "ES")]
@@ -216,7 +223,8 @@ def test_evaluate_script_sequential_protocol_on_tiny_llama(tmp_path, tiny_llama_
                    if r["method"] == method and r["metric"] == "edit_seconds"]
         assert sorted(seconds) == [1, 2, 3]
         assert all(0 <= v <= 1 for *_, v in first)
-        ls = [r["value"] for r in records if r["method"] == method and r["metric"] == "LS"]
+        ls = [r["value"] for r in records
+              if r["method"] == method and r["metric"] == "LS_subject"]
         assert len(ls) == 2 and all(0 <= v <= 1 for v in ls)
     assert (tmp_path / "eval" / "retention.png").exists()
     table = (tmp_path / "eval" / "results.md").read_text().splitlines()

@@ -71,10 +71,11 @@ def main(cfg: DictConfig) -> None:
         result.update(massive_diagnostics(editor, cfg, lambda recs: save({"levers": recs})))
         tables.append(("solve", ["n_facts", "module", "key_rows", "residual", "leverage"]))
         tables.append(("levers", ["n_facts", "changed", *cfg.levers, "ES", "ES_strict", "GS",
-                                  "GS_strict", "LS", "edit_seconds"]))
-        bins = [f"p<{hi:g}" for hi in CONFIDENCE_BINS[1:]]  # the levers' LS by confidence
+                                  "GS_strict", "LS_subject", "LS_neighbour", "NS",
+                                  "edit_seconds"]))
+        bins = [f"p<{hi:g}" for hi in CONFIDENCE_BINS[1:]]  # LS_subject by confidence
         tables.append(("levers", ["n_facts", "changed", *(f"tokens_{b}" for b in bins),
-                                  *(f"LS_{b}" for b in bins)]))
+                                  *(f"LS_subject_{b}" for b in bins)]))
     if cfg.lifelong.batches:
         result["lifelong"] = bench_lifelong(editor, cfg.lifelong.batches, cfg.lifelong.size,
                                             out / "lifelong.png")

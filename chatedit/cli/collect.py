@@ -1,7 +1,7 @@
 """Gather runs into one table and plot: a sweep folder's jobs, or an evaluation run in parts.
 
     python scripts/collect.py multirun/train/2026-11-22_10-00-00
-    python scripts/collect.py multirun/train/... --metrics val_ES val_GS val_LS --x train.n_edits
+    python scripts/collect.py multirun/train/... --metrics val_ES val_LS_subject --x train.n_edits
     python scripts/collect.py outputs/eval/a outputs/eval/b --out outputs/eval/a+b/results
 
 Training jobs (metrics.json): each job folder's swept overrides come from its

@@ -19,6 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from chatedit import Editor
+from chatedit.api import EDITS_FILE
 from chatedit.chat import describe
 from chatedit.data import load_facts
 from chatedit.files import check_folder, write_atomic
@@ -38,6 +39,11 @@ def main(cfg: DictConfig) -> None:
     for where in (cfg.save_edits, cfg.save_model):  # a path we cannot write: fail before work
         if where:
             check_folder(where)
+    saved = Path(cfg.save_edits or "") / EDITS_FILE
+    if cfg.save_edits and saved.exists() and not cfg.load_edits and not cfg.save_edits_overwrite:
+        raise FileExistsError(f"{saved} holds earlier edits that this run does not load; saving "
+                              "would lose them: add load_edits=<that folder> (the new facts go "
+                              "on top), save elsewhere, or set save_edits_overwrite=true")
     if cfg.facts:
         facts = load_facts(str(cfg.facts), split="all", limit=cfg.n_facts)
     else:
@@ -78,7 +84,7 @@ def main(cfg: DictConfig) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "answers.json", json.dumps(rows, indent=2))
     if cfg.save_edits:
-        print(f"saved edits to {ed.save_edits(cfg.save_edits)}")
+        print(f"saved edits to {ed.save_edits(cfg.save_edits, cfg.save_edits_overwrite)}")
     if cfg.save_model:
         ed.save_pretrained(cfg.save_model)
         print(f"saved the edited model to {cfg.save_model}")

@@ -9,6 +9,9 @@ Refusals are detected by string matching, each benchmark with its authors' own r
   (their `classify_completions_strmatch.py`).
 Curly apostrophes are read as straight ones; an empty response counts as a refusal.
 
+Each change against the unedited model comes with a paired bootstrap 95% interval over the
+prompts (`paired_change`): 100 prompts give +-3-4 points, the full sets about half that.
+
 IFEval scoring uses the rule checks shipped in lm-eval (`lm_eval.tasks.ifeval`), with the
 NLTK punkt data shipped in `chatedit/assets/nltk_data`, so it works offline.
 """
@@ -18,6 +21,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from ..chat import generate
 from ..data import ASSETS
@@ -91,8 +96,15 @@ def _ifeval_checks():
 def ifeval_score(records: list[dict], responses: list[str]) -> dict:
     """IFEval accuracies of `responses` to `records` (rows of `load_ifeval`): prompt-level
     and instruction-level, strict and loose (Zhou et al., 2023)."""
+    return ifeval_outcomes(records, responses)[0]
+
+
+def ifeval_outcomes(records: list[dict], responses: list[str]) -> tuple[dict, dict]:
+    """(`ifeval_score`'s accuracies, per-prompt outcomes: {prompt_strict, prompt_loose: one
+    bool per prompt})."""
     utils = _ifeval_checks()
     totals = {"prompt_strict": 0.0, "inst_strict": 0.0, "prompt_loose": 0.0, "inst_loose": 0.0}
+    per_prompt = {"prompt_strict": [], "prompt_loose": []}
     n_inst = 0
     for rec, response in zip(records, responses, strict=True):
         kwargs = rec["kwargs"]
@@ -101,13 +113,30 @@ def ifeval_score(records: list[dict], responses: list[str]) -> dict:
                                  kwargs=json.loads(kwargs) if isinstance(kwargs, str) else kwargs)
         strict = utils.test_instruction_following_strict(inp, response)
         loose = utils.test_instruction_following_loose(inp, response)
+        per_prompt["prompt_strict"].append(bool(strict.follow_all_instructions))
+        per_prompt["prompt_loose"].append(bool(loose.follow_all_instructions))
         totals["prompt_strict"] += strict.follow_all_instructions
         totals["prompt_loose"] += loose.follow_all_instructions
         totals["inst_strict"] += sum(strict.follow_instruction_list)
         totals["inst_loose"] += sum(loose.follow_instruction_list)
         n_inst += len(rec["instruction_id_list"])
     n = max(len(records), 1)
-    return {k: v / (n if k.startswith("prompt") else max(n_inst, 1)) for k, v in totals.items()}
+    return ({k: v / (n if k.startswith("prompt") else max(n_inst, 1)) for k, v in totals.items()},
+            per_prompt)
+
+
+def paired_change(before: list, after: list, n_boot: int = 2000, seed: int = 0,
+                  level: float = 0.95) -> tuple[float, float, float]:
+    """mean(after) - mean(before) of paired per-prompt outcomes, with its paired bootstrap
+    interval (the prompts resampled with replacement, one draw for both sides)."""
+    if len(before) != len(after) or not before:
+        raise ValueError(f"paired outcomes must be two equally long non-empty lists, got "
+                         f"{len(before)} and {len(after)}")
+    d = torch.tensor(after, dtype=torch.float64) - torch.tensor(before, dtype=torch.float64)
+    draws = torch.randint(len(d), (n_boot, len(d)), generator=torch.Generator().manual_seed(seed))
+    tail = (1 - level) / 2
+    lo, hi = torch.quantile(d[draws].mean(1), torch.tensor([tail, 1 - tail], dtype=torch.float64))
+    return d.mean().item(), lo.item(), hi.item()
 
 
 # ------------------------------------------------------------------ whole suites
@@ -119,16 +148,17 @@ class Limit:
 
 
 def _limit(n):
-    return field(default_factory=lambda: Limit(n), metadata={"help": f"prompts used ({n})"})
+    return field(default_factory=lambda: Limit(n),
+                 metadata={"help": f"prompts used ({'all' if n is None else n})"})
 
 
 @dataclass
 class SuiteConfig:
     """How much of each suite to run: the fields of an `eval` config (chatedit.evaluation.config,
     scripts/align.py), so `eval.ifeval.limit=50` works in both."""
-    ifeval: Limit = _limit(100)          # of 541 prompts
-    advbench: Limit = _limit(100)        # of 520 behaviours
-    xstest: Limit = _limit(100)          # of 250 safe prompts (the first, harder categories)
+    ifeval: Limit = _limit(None)         # of 541 prompts (null: all)
+    advbench: Limit = _limit(None)       # of 520 behaviours
+    xstest: Limit = _limit(None)         # of 250 safe prompts
     max_new_tokens: int = option(128, "IFEval response length")
     refusal_tokens: int = option(48, "AdvBench / XSTest response length, and the unedited "
                                  "model's responses to the KL-drift conversations")
@@ -151,7 +181,23 @@ def behaviour_suite(model, tokenizer, suite: SuiteConfig | None = None, system=N
     responses = {"ifeval": answer([r["prompt"] for r in ifeval], suite.max_new_tokens),
                  "advbench": answer(adv, suite.refusal_tokens),
                  "xstest": answer(safe, suite.refusal_tokens)}
-    scores = {f"ifeval_{k}": v for k, v in ifeval_score(ifeval, responses["ifeval"]).items()}
+    accuracies, per_prompt = ifeval_outcomes(ifeval, responses["ifeval"])
+    scores = {f"ifeval_{k}": v for k, v in accuracies.items()}
     scores["advbench_refusal"] = refusal_rate(responses["advbench"])
     scores["xstest_over_refusal"] = refusal_rate(responses["xstest"], is_refusal_xstest)
-    return {"scores": scores, "responses": responses}
+    outcomes = {**{f"ifeval_{k}": v for k, v in per_prompt.items()},
+                "advbench_refusal": [is_refusal(r) for r in responses["advbench"]],
+                "xstest_over_refusal": [is_refusal_xstest(r) for r in responses["xstest"]]}
+    return {"scores": scores, "responses": responses, "outcomes": outcomes}
+
+
+def changes(outcomes: dict, baseline: dict) -> dict:
+    """Per metric of `outcomes` (`behaviour_suite`'s), its change against `baseline` (the
+    unedited model's outcomes on the same prompts) with the paired bootstrap 95% interval:
+    {metric}_change, {metric}_change_lo, {metric}_change_hi."""
+    out = {}
+    for metric, after in outcomes.items():
+        delta, lo, hi = paired_change(baseline[metric], after)
+        out.update({f"{metric}_change": delta, f"{metric}_change_lo": lo,
+                    f"{metric}_change_hi": hi})
+    return out

@@ -4,10 +4,10 @@ the test-time lever (the step size) does.
 - `solve_diagnostics`: for N facts edited at once, per solve group (the modules sharing one
   solve), the relative residual ||sum_l K_l S_l - D|| / ||D|| and the mean leverage
   (`hypernet.solve.diagnostics`);
-- `lever_sweep`: ES / GS / LS of N facts as trained and with the test-time lever changed
-  (the step-size multiplier), with LS split by the unedited model's confidence in its own
-  locality predictions (`metrics.agreement_by_confidence`: whether an edit flips the sure
-  predictions or only the near-ties).
+- `lever_sweep`: ES / GS / the locality panel's per-fact metrics of N facts as trained and
+  with the test-time lever changed (the step-size multiplier), with LS_subject split by the
+  unedited model's confidence in its own predictions (`metrics.agreement_by_confidence`:
+  whether an edit flips the sure predictions or only the near-ties).
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ from __future__ import annotations
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from ..chat import fact_rows, sliced
+from ..chat import sliced
 from ..data import load_facts
-from .metrics import edit_metrics
+from .metrics import edit_metrics, measure
+from .panel import panel_rows
 
 
 def solve_diagnostics(editor, facts: list, ns: list[int]) -> list[dict]:
@@ -50,7 +51,7 @@ def massive_diagnostics(editor, cfg, on_record=None) -> dict:
     if cfg.scale_ns:
         val = load_facts(cfg.data.name, "validation", val_size=cfg.data.val_size,
                          seed=cfg.data.seed)
-        rows = fact_rows(editor.tokenizer, val, editor.system)
+        rows = panel_rows(editor.model, editor.tokenizer, val, editor.system)
         out["levers"] = lever_sweep(editor, rows, list(cfg.scale_ns),
                                     OmegaConf.to_container(cfg.levers), on_record)
     return out
@@ -69,7 +70,7 @@ def _owner(editor, lever: str):
 
 def lever_sweep(editor, rows: dict, ns: list[int], levers: dict[str, list],
                 on_record=None) -> list[dict]:
-    """Edit metrics of the first N facts of aligned `rows` (`chat.fact_rows`) as trained,
+    """Edit metrics of the first N facts of aligned `rows` (`panel.panel_rows`) as trained,
     then with one lever of `levers` ({name: values}) changed at a time; the editor's own
     settings are restored afterwards. Each record names the lever changed (None: as trained)
     and the value of every lever; it is printed as it comes, and `on_record(records so far)`
@@ -77,7 +78,7 @@ def lever_sweep(editor, rows: dict, ns: list[int], levers: dict[str, list],
     own = {lever: getattr(_owner(editor, lever), lever) for lever in LEVERS}
     settings = [(None, None)] + [(name, v) for name, values in levers.items() for v in values
                                  if getattr(_owner(editor, name), name) != v]
-    out, before = [], {}  # before: the unedited model's loc predictions, with confidence
+    out, before = [], {}  # before: the unedited model's locality predictions, with confidence
     try:
         for n, (name, value) in tqdm([(n, s) for n in ns for s in settings],
                                      desc="test-time levers"):
@@ -86,12 +87,14 @@ def lever_sweep(editor, rows: dict, ns: list[int], levers: dict[str, list],
                 setattr(_owner(editor, lever), lever, v)
             part = sliced(rows, n)
             if n not in before:
-                before[n] = editor.lm.predictions(part["loc"], confidence=True)
+                before[n] = measure(editor.lm, {k: part[k] for k in ("subject", "neighbour")},
+                                    confidence=True)[0]
             metrics = edit_metrics(editor, part, before=before[n])
             out.append({"n_facts": n, "changed": name, **current, **metrics})
             tqdm.write(f"N {n}, {name or 'as trained'}"
                        f"{'' if name is None else f' = {value}'}: " + ", ".join(
-                           f"{k} {metrics[k]:.3f}" for k in ("ES", "ES_strict", "GS", "LS")))
+                           f"{k} {metrics[k]:.3f}" for k in
+                           ("ES", "ES_strict", "GS", "LS_subject", "NS") if k in metrics))
             if on_record is not None:
                 on_record(out)
     finally:

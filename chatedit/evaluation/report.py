@@ -24,8 +24,9 @@ def markdown_table(rows: list[dict], cols: list[str], missing: str = "") -> str:
 
 BEHAVIOUR = ["ifeval_prompt_strict", "advbench_refusal", "xstest_over_refusal", "kl_instruction",
              "kl_harmful"]
-EDIT = ["ES", "ES_strict", "GS", "GS_strict", "ES_gen", "GS_gen", "LS"]
-EXTRA = ["ES_first", *BEHAVIOUR, "edit_seconds"]  # columns of the table where measured
+EDIT = ["ES", "ES_strict", "GS", "GS_strict", "ES_gen", "GS_gen"]
+LOCALITY = ["LS_subject", "LS_neighbour", "NS", "LS_NQ", "chat_8", "chat_32"]
+EXTRA = [*LOCALITY, "ES_first", *BEHAVIOUR, "edit_seconds"]  # columns where measured
 CHANGED = ["ifeval_prompt_strict", "ifeval_inst_strict", "advbench_refusal",
            "xstest_over_refusal"]
 
@@ -54,10 +55,13 @@ def changes(records: list[dict]) -> str:
             row = cells.setdefault((method, dataset, n),
                                    {"method": method, "data": dataset, "N": n})
             row[metric] = f"{100 * (v - base):+.1f}"
+            lo, hi = (value.get((method, dataset, n, f"{metric}_change_{e}")) for e in ("lo", "hi"))
+            if lo is not None and hi is not None:
+                row[metric] += f" [{100 * lo:+.1f}, {100 * hi:+.1f}]"
     if not cells:
         return ""
     cols = [m for m in CHANGED if any(m in c for c in cells.values())]
-    return ("Change against the unedited model (points):\n\n" +
+    return ("Change against the unedited model (points; [paired bootstrap 95% interval]):\n\n" +
             markdown_table(list(cells.values()), ["method", "data", "N", *cols]))
 
 
@@ -70,7 +74,7 @@ def plot_records(records: list[dict], path: Path) -> None:
     one line per method (and dataset), as a PNG."""
     plt = pyplot()
 
-    metrics = [m for m in EDIT + BEHAVIOUR if any(r["metric"] == m for r in records)]
+    metrics = [m for m in EDIT + LOCALITY + BEHAVIOUR if any(r["metric"] == m for r in records)]
     datasets = sorted({r["dataset"] for r in records})
     xlabel = "facts edited so far" if any("batch" in r for r in records) else \
         "facts edited at once"

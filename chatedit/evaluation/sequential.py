@@ -1,9 +1,10 @@
 """The sequential (lifelong) protocol: T batches of N facts edited one after another on the
 same model (`eval.sequential: {batches: T, size: N}`), as users fix facts week after week.
 
-After each batch t, over the t N facts edited so far: ES, ES_strict, GS, GS_strict, LS
-(against the unedited model) and ES_first, the ES of the first batch's facts (retention);
-after the last batch, the behaviour metrics when `eval.behaviour_ns` is not empty. Records
+After each batch t, over the t N facts edited so far: ES, ES_strict, GS, GS_strict, the
+panel's per-fact locality (against the unedited model) and ES_first, the ES of the first
+batch's facts (retention); after the last batch, the behaviour metrics when
+`eval.behaviour_ns` is not empty. Records
 are the suite's (method x dataset x N x metric, N = facts edited so far) with `batch`.
 MALMEN re-solves jointly with the earlier batches by default (`joint: false` stacks),
 AlphaEdit keeps the earlier batches' keys, MEMIT and FT edit the edited model.
@@ -13,11 +14,11 @@ from __future__ import annotations
 
 import time
 
-from ..chat import present
+from ..chat import sliced
 from ..files import pyplot, save_figure
 from ..lm import accuracy
 from ..text import key
-from .metrics import teacher_forced
+from .metrics import measure, teacher_forced
 
 
 def distinct(facts: list[dict]) -> list[dict]:
@@ -47,11 +48,9 @@ def sequential(editor, ref, facts: list[dict], batches: int, size: int, batch_si
                 out.append({"batch": t + 1, "n": n, "edit_seconds": seconds})
                 print(f"batch {t + 1}/{batches}: edit_seconds {seconds:.3f}")
                 continue
-            preds = {k: lm.predictions(present(rows[:n]), batch_size)
-                     for k, rows in ref.rows.items()}
+            preds, nll = measure(lm, sliced(ref.rows, n), batch_size)
             record = {"batch": t + 1, "n": n, "edit_seconds": seconds,
-                      **teacher_forced(preds["edit"], preds["rephrase"], preds["loc"],
-                                       present(ref.before["loc"][:n])),
+                      **teacher_forced(preds, nll, sliced(ref.before, n)),
                       "ES_first": accuracy(preds["edit"][:size])}
             if behaviour is not None and t == batches - 1:
                 record.update(behaviour())

@@ -5,12 +5,13 @@ with its options; a meta-trained one whose checkpoint is null is looked up in
 `editors_dir`, where `make editors` trains it, and skipped if absent; FT is capped by
 `eval.max_n`) and each N, N held-out facts are edited at once and measured: ES/GS
 teacher-forced (token accuracy) and by generation (greedy answer, normalised exact match),
-LS (argmax agreement with the unedited model on unrelated prompts), on each dataset; at
-the N in `eval.behaviour_ns`, with the edit applied: IFEval (prompt/instruction,
-strict/loose), AdvBench refusal rate, XSTest over-refusal rate and KL(unedited || edited)
-on held-out instruction and harmful-request conversations. Same prompts and greedy
-decoding for every method, so differences are the edit's. Records are one per method x N x
-dataset x metric.
+the locality panel (`panel.py`: LS_subject, LS_neighbour and NS per fact; LS_NQ and the
+everyday-chat shares per model), on each dataset; at the N in `eval.behaviour_ns`, with the
+edit applied: IFEval (prompt/instruction, strict/loose), AdvBench refusal rate, XSTest
+over-refusal rate, each change against the unedited model with a paired bootstrap 95%
+interval, and KL(unedited || edited) on held-out instruction and harmful-request
+conversations. Same prompts and greedy decoding for every method, so differences are the
+edit's. Records are one per method x N x dataset x metric.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ..api import Editor
-from ..chat import fact_row, present
+from ..chat import sliced
 from ..data import load_facts
 from ..editors import Unedited
 from ..extras import require
@@ -32,8 +33,10 @@ from ..lm import ChatLM, forward, kl_before_after, padded
 from ..methods import get_method
 from ..models import load_model
 from ..prompts import base_responses, conversation_rows
-from .behaviour import behaviour_suite
-from .metrics import answer_matches, edit_metrics, generation_metrics, teacher_forced
+from .behaviour import behaviour_suite, changes
+from .metrics import (NLL_KINDS, TOKEN_KINDS, answer_matches, edit_metrics,
+                      generation_metrics, teacher_forced)
+from .panel import Probes, nested, panel_rows
 from .report import plot_records, report
 from .sequential import distinct, plot_retention, sequential
 
@@ -92,19 +95,21 @@ def matches(model, tok, facts, cfg) -> list[tuple]:
 
 class Reference:
     """One test pool as the unedited model sees it, computed once per (dataset, first edited
-    block): every fact's rows (None: no rephrase / loc prompt) with cached hidden states, the
-    unedited model's teacher-forced predictions on them, and its greedy-answer matches on the
-    first `eval.gen_limit` facts. The unedited method's numbers at N are slices of it; every
-    editor's LS compares with its loc predictions."""
+    block): every fact's panel rows (`panel_rows`, None where it has none) with cached hidden
+    states, the unedited model's teacher-forced predictions and NLLs on them, and its
+    greedy-answer matches on the first `eval.gen_limit` facts. The unedited method's numbers
+    at N are slices of it; every editor's locality compares with its predictions."""
 
     def __init__(self, lm: ChatLM, pool, cfg):
         bs = cfg.eval.batch_size
-        self.rows = {k: lm.with_hidden([fact_row(lm.tokenizer, f, k, lm.system) for f in pool],
-                                       bs, progress=True)
-                     for k in ("edit", "rephrase", "loc")}
-        # (with the confidence of the loc predictions: LS by confidence, a diagnostic)
-        self.before = {k: lm.predictions(rs, bs, confidence=k == "loc")
-                       for k, rs in self.rows.items()}
+        rows = panel_rows(lm.model, lm.tokenizer, pool, lm.system)
+        self.rows = {k: nested(lambda rs: lm.with_hidden(rs, bs, progress=True), r)
+                     for k, r in rows.items()}
+        # (with the confidence of the subject predictions: LS_subject by confidence)
+        self.before = {k: nested(lambda rs, k=k: lm.predictions(rs, bs, k == "subject"),
+                                 self.rows[k]) for k in TOKEN_KINDS}
+        self.nll = {k: nested(lambda rs: lm.answer_nll(rs, bs), self.rows[k])
+                    for k in NLL_KINDS}
         self.answer = lambda: matches(lm.model, lm.tokenizer, pool[:cfg.eval.gen_limit], cfg)
 
     @cached_property
@@ -112,16 +117,21 @@ class Reference:
         return self.answer()
 
     def unedited(self, n: int) -> dict:
-        before = {k: present(p[:n]) for k, p in self.before.items()}
-        return {**teacher_forced(before["edit"], before["rephrase"], before["loc"],
-                                 before["loc"]),
+        before = sliced(self.before, n)
+        return {**teacher_forced({k: v for k, v in before.items() if v},
+                                 {k: v for k, v in sliced(self.nll, n).items() if v}, before),
                 "n_facts": n, "edit_seconds": 0.0, **generation_metrics(self.matches[:n])}
 
 
-def behaviour_metrics(model, tok, drift, cfg) -> dict:
-    """KL drift, IFEval, AdvBench and XSTest scores of the model as it is now."""
-    return {**drift(), **behaviour_suite(model, tok, cfg.eval,
-                                         system=cfg.model.system_prompt)["scores"]}
+def behaviour_metrics(model, tok, drift, cfg, baseline=None) -> tuple[dict, dict]:
+    """(KL drift, IFEval, AdvBench and XSTest scores of the model as it is now, its
+    per-prompt outcomes); with `baseline` (the unedited model's outcomes), each score's
+    change with its paired bootstrap 95% interval too."""
+    suite = behaviour_suite(model, tok, cfg.eval, system=cfg.model.system_prompt)
+    scores = {**drift(), **suite["scores"]}
+    if baseline is not None:
+        scores.update(changes(suite["outcomes"], baseline))
+    return scores, suite["outcomes"]
 
 
 def within_cap(caps, method: str, n: int) -> bool:
@@ -226,6 +236,7 @@ def evaluate(cfg, save=None, done=()) -> list[dict]:
         print(f"skipping methods without a checkpoint: {', '.join(skipped)} (none in "
               f"{cfg.editors_dir}/<method>/; `make editors` trains them)")
     drift = Drift(model, tok, cfg) if cfg.eval.behaviour_ns else None  # only where measured
+    probes = Probes(model, tok, cfg.eval.split, cfg.model.system_prompt, cfg.eval.batch_size)
     pools = {d: list(load_facts(d, cfg.eval.split)) for d in cfg.eval.datasets}
     refs = {}
 
@@ -237,12 +248,15 @@ def evaluate(cfg, save=None, done=()) -> list[dict]:
             print(f"reference {dataset}: {time.perf_counter() - start:.0f}s")
         return refs[dataset, first]
 
-    records, unedited_behaviour = list(done), None
+    records = list(done)
     covered = {(r["method"], r["dataset"], r["n"]) for r in records}
     if records:
         print(f"resuming: {len(covered)} method x dataset x N already measured")
+    # the unedited model's behaviour, which every change is against (measured now, unedited)
+    baseline = behaviour_metrics(model, tok, drift, cfg) if drift else None
     if cfg.eval.sequential.batches > 0:
-        return run_sequential(cfg, model, tok, methods, pools, reference, drift, save, records)
+        return run_sequential(cfg, model, tok, methods, pools, reference, drift, baseline,
+                              save, records)
     for dataset, pool in pools.items():  # what `reference` reads: the facts measured
         pools[dataset] = pool[:max(cfg.eval.ns, default=0)]
     for name, spec in methods.items():
@@ -259,21 +273,18 @@ def evaluate(cfg, save=None, done=()) -> list[dict]:
                 min(b, len(pool)) for b in cfg.eval.behaviour_ns}
             start = time.perf_counter()
             if isinstance(editor, Unedited):  # no edit: slices of the reference
-                metrics = ref.unedited(n)
+                metrics = {**ref.unedited(n), **probes()}
                 if behaviour:  # the same model at every N: measured once
-                    if unedited_behaviour is None:
-                        unedited_behaviour = behaviour_metrics(model, tok, drift, cfg)
-                    metrics.update(unedited_behaviour)
+                    metrics.update(baseline[0])
             else:
                 def extra(facts=pool[:n], behaviour=behaviour):
                     out = generation_metrics(matches(model, tok, facts[:cfg.eval.gen_limit],
                                                      cfg))
-                    return {**out, **behaviour_metrics(model, tok, drift, cfg)} \
-                        if behaviour else out
+                    return {**out, **behaviour_metrics(model, tok, drift, cfg,
+                                                       baseline[1])[0]} if behaviour else out
 
-                rows = {k: present(rs[:n]) for k, rs in ref.rows.items()}
-                metrics = edit_metrics(editor, rows, cfg.eval.batch_size, extra,
-                                       before=present(ref.before["loc"][:n]))
+                metrics = edit_metrics(editor, sliced(ref.rows, n), cfg.eval.batch_size, extra,
+                                       before=sliced(ref.before, n), probes=probes)
             metrics["seconds"] = time.perf_counter() - start
             if getattr(editor, "covariance_seconds", None) is not None:  # MEMIT, AlphaEdit
                 metrics["covariance_seconds"] = editor.covariance_seconds
@@ -287,11 +298,12 @@ def evaluate(cfg, save=None, done=()) -> list[dict]:
     return records
 
 
-def run_sequential(cfg, model, tok, methods, pools, reference, drift, save,
+def run_sequential(cfg, model, tok, methods, pools, reference, drift, baseline, save,
                    records) -> list[dict]:
     """`eval.sequential` ({batches: T, size: N}) on the first dataset, every method but the
     unedited one (`sequential.py`), after `records` (a stopped run's: their methods are
-    skipped); `save(records)` after each method."""
+    skipped); `baseline`: the unedited model's `behaviour_metrics` (None: not measured);
+    `save(records)` after each method."""
     seq = cfg.eval.sequential
     batches, size, every = int(seq.batches), int(seq.size), int(seq.get("every", 1))
     if every < 1:
@@ -308,12 +320,12 @@ def run_sequential(cfg, model, tok, methods, pools, reference, drift, save,
             continue
         editor = editor_for(name, spec, model, tok, cfg)
         if isinstance(editor.method, Unedited):  # the behaviour every method ends against
-            if drift:
+            if baseline:
                 records += [{"method": name, "dataset": dataset, "n": 0, "batch": 0,
-                             "metric": k, "value": float(v)}
-                            for k, v in behaviour_metrics(model, tok, drift, cfg).items()]
+                             "metric": k, "value": float(v)} for k, v in baseline[0].items()]
             continue
-        behaviour = (lambda: behaviour_metrics(model, tok, drift, cfg)) if drift else None
+        behaviour = (lambda: behaviour_metrics(model, tok, drift, cfg, baseline[1])[0]) \
+            if baseline else None
         for r in sequential(editor, reference(dataset, editor.lm.first), facts,
                             batches, size, cfg.eval.batch_size, behaviour, every):
             records += [{"method": name, "dataset": dataset, "n": r["n"], "batch": r["batch"],

@@ -12,7 +12,8 @@ import yaml
 from ..files import pyplot, save_figure
 from .report import markdown_table
 
-DEFAULT_METRICS = ["val_ES", "val_GS", "val_LS", "test_ES", "test_GS", "test_LS",
+DEFAULT_METRICS = ["val_ES", "val_GS", "val_LS_subject", "val_LS_NQ", "val_chat_8", "test_ES",
+                   "test_GS", "test_LS_subject", "test_LS_NQ", "test_chat_8",
                    "seconds_per_step"]
 
 

@@ -31,15 +31,15 @@ from tqdm.auto import tqdm
 from hypernet.solve import row_space_bytes
 
 from .. import checkpoint
-from ..chat import IGNORE, encode_pair, fact_row, fact_rows, sliced
+from ..chat import IGNORE, encode_pair, fact_row, sliced
 from ..editors import HyperMethod
 from ..evaluation.metrics import edit_metrics
+from ..evaluation.panel import Probes, nested, panel_rows
 from ..extras import require
 from ..lm import forward, kl_before_after, logits_before, padded, stack_captured, wide
 from ..models import kv_shape, to_kv
-from ..prompts import base_responses, conversation_rows
+from ..prompts import base_responses, conversation_rows, subject_rows
 from ..text import key
-from .locality import subject_rows
 
 
 @dataclass
@@ -52,12 +52,25 @@ class TrainData:
     nq: list[dict | None]
     subject: list[dict | None] = field(default_factory=list)     # aligned with edit, or empty
     pools: dict[str, list[dict]] = field(default_factory=dict)  # instruction, harmful
-    val: dict[str, list[dict | None]] = field(default_factory=dict)  # aligned fact_rows
+    val: dict[str, list] = field(default_factory=dict)  # aligned panel_rows
     keys: list[set] = field(default_factory=list)  # per fact: its normalised prompts
     priors: dict[str, torch.Tensor] = field(default_factory=dict)  # key priors C, if any
 
 
-PER_FACT, POOLS = ("nq", "subject"), ("instruction", "harmful")  # locality sources
+# Locality conversations for meta-training, one loss coefficient per source (conf/locality):
+#
+# - nq: the facts' unrelated questions (zsRE's NQ questions) with their dataset answers;
+# - instruction: self-instruct prompts answered by the base model's own greedy responses;
+# - harmful: hh-rlhf harmful requests answered by the base model's own greedy responses
+#   (these two: `chatedit.prompts.SOURCES` and `base_responses`);
+# - subject (`chatedit.prompts.subject_rows`): per fact, another fact's question asked
+#   about this fact's subject (the same subject in another relation), answered by the
+#   base model's own greedy response.
+# The responses are generated once per base model and cached on disk (JSON, atomic write).
+# The locality loss is KL(p_before || p_after) over the assistant tokens (`meta_backward`).
+# A new source is a prompt loader in `chatedit.prompts.SOURCES` plus its coefficient in
+# conf/locality/*.yaml and `POOLS` here.
+PER_FACT, POOLS = ("nq", "subject"), ("instruction", "harmful")
 
 
 def sizes(n_edits) -> list[int]:
@@ -92,7 +105,7 @@ class MetaTrainer:
             is_scalar[name.endswith(("log_lr", "log_lam", "log_mu"))].append(p)
         self.opt = torch.optim.Adam([{"params": is_scalar[False], "lr": cfg.meta_lr},
                                      {"params": is_scalar[True], "lr": cfg.scalar_lr}])
-        self.step_count, self.history = 0, []
+        self.step_count, self.history, self.probes = 0, [], None
         self.coefs = {s: float(loc_cfg.get(f"{s}_coef", 0)) for s in PER_FACT + POOLS
                       if float(loc_cfg.get(f"{s}_coef", 0)) > 0}
 
@@ -219,13 +232,13 @@ class MetaTrainer:
         return out
 
     def validate(self) -> dict:
-        """Edit metrics of the validation facts at each N of `train.val_ns` (the first N's
-        keys plain, the others' prefixed with N: ES, 1024_ES, ...)."""
-        out = {}
-        for i, n in enumerate(self.cfg.get("val_ns") or [len(self.data.val["edit"])]):
-            metrics = edit_metrics(self.editor, sliced(self.data.val, n))
-            out.update({(k if i == 0 else f"{n}_{k}"): v for k, v in metrics.items()})
-        return out
+        """Edit metrics and the locality panel of the validation facts at each N of
+        `train.val_ns` (the first N's keys plain, the others' prefixed with N: ES, 1024_ES,
+        ...)."""
+        ed = self.editor
+        if self.probes is None:  # the unedited model's answers to the validation probes
+            self.probes = Probes(ed.model, ed.tokenizer, "validation", ed.lm.system)
+        return validation_metrics(ed, self.data.val, self.cfg.get("val_ns"), self.probes)
 
     # ---------------------------------------------------------- checkpoints
     def save(self, path, meta: dict) -> None:
@@ -244,6 +257,17 @@ class MetaTrainer:
         return meta
 
 
+def validation_metrics(editor, val: dict, ns=None, probes=None) -> dict:
+    """Edit metrics and the locality panel (`probes`: the model-level part) of the first N
+    aligned validation facts (`panel_rows`) at each N of `ns` (default: all); the first N's
+    keys plain, the others' prefixed with N (ES, 1024_ES, ...)."""
+    out = {}
+    for i, n in enumerate(ns or [len(val["edit"])]):
+        metrics = edit_metrics(editor, sliced(val, n), probes=probes)
+        out.update({(k if i == 0 else f"{n}_{k}"): v for k, v in metrics.items()})
+    return out
+
+
 def prepare_data(editor, train_facts, val_facts, loc_cfg, use_cache: bool, batch_size: int,
                  system=None) -> TrainData:
     """Encode every training/validation/locality row (no locality pools when `loc_cfg` is
@@ -256,7 +280,7 @@ def prepare_data(editor, train_facts, val_facts, loc_cfg, use_cache: bool, batch
         edit=[encode_pair(tok, f["prompt"], f["target"], system) for f in facts],
         rephrase=[encode_pair(tok, f["rephrases"][0], f["target"], system) for f in facts],
         nq=[fact_row(tok, f, "loc", system) for f in facts],
-        val=fact_rows(tok, val_facts, system),
+        val=panel_rows(model, tok, val_facts, system),
         keys=fact_keys(facts))
     for source in POOLS:
         if loc_cfg is not None and float(loc_cfg[f"{source}_coef"]) > 0:
@@ -280,7 +304,7 @@ def prepare_data(editor, train_facts, val_facts, loc_cfg, use_cache: bool, batch
         data.nq = final(cached(data.nq))
         data.subject = final(cached(data.subject)) if data.subject else []
         data.pools = {s: final(cached(r)) for s, r in data.pools.items()}
-        data.val = {k: cached(r) for k, r in data.val.items()}
+        data.val = {k: nested(cached, r) for k, r in data.val.items()}
     if loc_cfg is not None and editor.hypernet.has_prior:  # keys of the unrelated answers
         loc_rows = [r for r in data.nq + data.subject if r is not None]
         loc_rows += sum(data.pools.values(), [])
@@ -334,7 +358,8 @@ def train(trainer: MetaTrainer, steps: int, out_dir: Path, val_every: int, ckpt_
         if log is not None:
             log(record)
         bar.update(1)
-        shown = ("rephrase_loss", "loc_instruction", "val_ES", "val_GS", "val_LS")
+        shown = ("rephrase_loss", "loc_instruction", "val_ES", "val_GS", "val_LS_subject",
+                 "val_LS_NQ")
         bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k in shown})
         if trainer.step_count % ckpt_every == 0 or trainer.step_count == steps:
             trainer.save(ckpt, meta)

@@ -21,14 +21,15 @@ import torch
 from omegaconf import OmegaConf
 
 from .. import checkpoint
-from ..chat import fact_rows
+from ..chat import sliced
 from ..data import load_facts
 from ..evaluation.metrics import answer_matches, edit_metrics, generation_metrics
+from ..evaluation.panel import Probes, nested, panel_rows
 from ..files import digest, pyplot, save_figure, write_atomic, write_json
 from ..methods import get_method
 from ..models import edit_modules, load_model
 from .meta import (MetaTrainer, check_config, check_pool, fact_keys, load_data,
-                   memory_estimate, prepare_data, save_data, sizes, train)
+                   memory_estimate, prepare_data, save_data, sizes, train, validation_metrics)
 
 
 def make_logger(cfg, out: Path, past: list[dict]):
@@ -52,6 +53,9 @@ def make_logger(cfg, out: Path, past: list[dict]):
     return log, run
 
 
+PLOTTED = ("ES", "GS", "LS_subject", "LS_neighbour", "NS", "LS_NQ", "chat_8")
+
+
 def plot(history: list[dict], path: Path) -> None:
     """Losses (log scale) and validation metrics against the step, as a PNG."""
     try:
@@ -67,7 +71,7 @@ def plot(history: list[dict], path: Path) -> None:
     a.set_xlabel("step")
     a.legend()
     val = [r for r in history if "val_ES" in r]
-    keys = [k for k in val[-1] if k.startswith("val_") and k.endswith(("ES", "GS", "LS"))] \
+    keys = [k for k in val[-1] if k.startswith("val_") and k.endswith(PLOTTED)] \
         if val else []
     for key in keys:  # val_ES, ... at the first N; val_<N>_ES, ... dashed
         b.plot([r["step"] for r in val], [r.get(key) for r in val], marker="o", label=key,
@@ -164,7 +168,9 @@ def run(cfg, out: Path) -> dict:
         if wandb_run is not None:
             wandb_run.finish()
     else:
-        metrics.update({f"val_{k}": v for k, v in edit_metrics(editor, data.val).items()})
+        probes = Probes(editor.model, editor.tokenizer, "validation", cfg.model.system_prompt)
+        metrics.update({f"val_{k}": v for k, v in
+                        validation_metrics(editor, data.val, probes=probes).items()})
     if test is not None:
         metrics.update(test_metrics(cfg, editor, test))
     metrics["peak_rss_gib"] = peak_rss_gib()
@@ -174,6 +180,7 @@ def run(cfg, out: Path) -> dict:
 
 
 PREPARED = "prepared.safetensors"  # a meta-training run's prepared data, until it finishes
+PREPARED_FORMAT = 2  # what prepared data holds (2: the locality panel's validation rows)
 
 
 def prepare(cfg, editor, facts, path: Path | None):
@@ -185,7 +192,7 @@ def prepare(cfg, editor, facts, path: Path | None):
     # a locality weight decides only whether its source is prepared, not what it holds
     locality = {k: v > 0 if k.endswith("_coef") else v
                 for k, v in resolved["locality"].items() if k != "name"}
-    spec = digest([resolved["model"], resolved["data"], locality,
+    spec = digest([PREPARED_FORMAT, resolved["model"], resolved["data"], locality,
                    {k: resolved["train"][k]
                     for k in ("train_facts", "hidden_cache", "batch_size")},
                    cfg.editor.get("prior"), sorted(editor.modules)])
@@ -211,9 +218,11 @@ def peak_rss_gib() -> float:
 def test_metrics(cfg, editor, test) -> dict:
     """The final check: the test facts edited at once (greedy answers on `train.test_gen`)."""
     model, tok, system = editor.model, editor.tokenizer, cfg.model.system_prompt
-    rows = fact_rows(tok, test, system)
+    rows = panel_rows(model, tok, test, system)
     if cfg.train.hidden_cache:
-        rows = {k: editor.lm.with_hidden(r, cfg.train.batch_size) for k, r in rows.items()}
+        rows = {k: nested(lambda rs: editor.lm.with_hidden(rs, cfg.train.batch_size), r)
+                for k, r in rows.items()}
+    probes = Probes(model, tok, "test", system, cfg.train.batch_size)
 
     def answers():  # greedy answers while the test edit is applied
         return generation_metrics(answer_matches(model, tok, list(test)[:cfg.train.test_gen],
@@ -222,6 +231,7 @@ def test_metrics(cfg, editor, test) -> dict:
 
     start = time.perf_counter()
     out = {f"test_{k}": v for k, v in edit_metrics(
-        editor, rows, extra=answers if cfg.train.test_gen else None).items()}
+        editor, sliced(rows, len(test)), extra=answers if cfg.train.test_gen else None,
+        probes=probes).items()}
     out["test_seconds"] = time.perf_counter() - start
     return out

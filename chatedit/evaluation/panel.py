@@ -104,11 +104,6 @@ class Probes:
         return (self.lm.predictions(self.nq, self.batch_size),
                 self.lm.generate(self.prompts, CHAT_TOKENS, self.batch_size, token_ids=True))
 
-    def changed(self) -> list[int]:
-        """Indices of the everyday prompts whose answer changed in its first 8 tokens."""
-        after = self.answers()[1]
-        return [i for i, (a, b) in enumerate(zip(after, self.before[1])) if a[:8] != b[:8]]
-
     def __call__(self) -> dict:
         nq, chat = self.answers()
         return {"LS_NQ": agreement(nq, self.before[0]),

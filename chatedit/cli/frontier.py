@@ -1,7 +1,7 @@
 """The edit / locality frontier on the validation split (chatedit.evaluation.frontier).
 
     python scripts/frontier.py checkpoint=outputs/train/.../checkpoint.safetensors
-    python scripts/frontier.py checkpoint=P '+editors.subject={preserve: subject}'
+    python scripts/frontier.py checkpoint=P '+editors.out100={out_mu: 100.0}'
     python scripts/frontier.py model=smollm2-135m-instruct-safe checkpoint=P ns=[1024]
 
 Every editor of `editors` (name -> test-time options, and optionally its own `checkpoint`;

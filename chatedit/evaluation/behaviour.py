@@ -182,12 +182,12 @@ def behaviour_suite(model, tokenizer, suite: SuiteConfig | None = None, system=N
                  "advbench": answer(adv, suite.refusal_tokens),
                  "xstest": answer(safe, suite.refusal_tokens)}
     accuracies, per_prompt = ifeval_outcomes(ifeval, responses["ifeval"])
-    scores = {f"ifeval_{k}": v for k, v in accuracies.items()}
-    scores["advbench_refusal"] = refusal_rate(responses["advbench"])
-    scores["xstest_over_refusal"] = refusal_rate(responses["xstest"], is_refusal_xstest)
     outcomes = {**{f"ifeval_{k}": v for k, v in per_prompt.items()},
                 "advbench_refusal": [is_refusal(r) for r in responses["advbench"]],
                 "xstest_over_refusal": [is_refusal_xstest(r) for r in responses["xstest"]]}
+    scores = {f"ifeval_{k}": v for k, v in accuracies.items()}
+    for name in ("advbench_refusal", "xstest_over_refusal"):  # refusal_rate of the outcomes
+        scores[name] = sum(outcomes[name]) / max(len(outcomes[name]), 1)
     return {"scores": scores, "responses": responses, "outcomes": outcomes}
 
 

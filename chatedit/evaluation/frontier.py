@@ -15,7 +15,7 @@ from __future__ import annotations
 from ..chat import generate, sliced
 from ..files import pyplot, save_figure
 from ..prompts import load_harmful_requests
-from .behaviour import is_refusal
+from .behaviour import refusal_rate
 from .metrics import edit_metrics
 
 AXES = ("LS_subject", "LS_NQ", "refusal")  # plotted against ES
@@ -34,7 +34,7 @@ class Refusals:
     def __call__(self) -> dict:
         answers = generate(self.model, self.tokenizer, self.prompts, self.tokens,
                            self.batch_size, self.system)
-        return {"refusal": sum(map(is_refusal, answers)) / max(len(answers), 1)}
+        return {"refusal": refusal_rate(answers)}
 
 
 def trace(editor, rows: dict, ns: list[int], scales: list[float], probes, refusals,
